@@ -1,0 +1,227 @@
+"""powergrad.optim: linear-scaled Nesterov SGD, decay groups, the paper's per-iteration schedules."""
+
+import math
+
+import pytest
+import torch
+
+from powergrad.models import build_model
+from powergrad.optim import build_optimizer, build_scheduler, peak_lr
+
+# The paper's ImageNet setting: global batch 1024, 100 epochs; 1,281,167 training images give
+# 1251 full batches of 1024 per epoch (the training loader drops the last partial batch).
+EPOCHS, IPE = 100, 1251
+WARMUP = 5 * IPE  # iterations
+TOTAL = EPOCHS * IPE  # iterations
+
+
+def _lr(optimizer) -> float:
+    lrs = {g["lr"] for g in optimizer.param_groups}
+    assert len(lrs) == 1, f"param groups disagree on lr: {lrs}"
+    return lrs.pop()
+
+
+def _lr_at(scheduler, optimizer, iteration: int) -> float:
+    scheduler.step_update(iteration)
+    return _lr(optimizer)
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    return build_model("resnet18", num_classes=10)
+
+
+def test_peak_lr_linear_scaling():
+    assert peak_lr(0.1, 1024) == pytest.approx(0.4)
+    assert peak_lr(0.1, 256) == pytest.approx(0.1)
+    assert peak_lr(0.1, 512) == pytest.approx(0.2)
+    for batch in (0, -256, 2.5, True):
+        with pytest.raises(ValueError):
+            peak_lr(0.1, batch)
+    with pytest.raises(ValueError):
+        peak_lr(0.0, 256)
+
+
+def test_optimizer_flags_and_groups(resnet18):
+    optimizer = build_optimizer(resnet18, global_batch=1024)
+    assert isinstance(optimizer, torch.optim.SGD)
+    by_param = {}
+    for group in optimizer.param_groups:
+        assert group["nesterov"] is True
+        assert group["momentum"] == 0.9
+        assert group["lr"] == pytest.approx(0.4)
+        for p in group["params"]:
+            assert id(p) not in by_param, "a parameter is in two groups"
+            by_param[id(p)] = group["weight_decay"]
+    named = dict(resnet18.named_parameters())
+    assert set(by_param) == {id(p) for p in named.values()}
+    for name, p in named.items():
+        # Conv and linear weights decay; biases and BatchNorm scales/shifts do not.
+        expected = 5e-4 if p.ndim > 1 else 0.0
+        assert by_param[id(p)] == expected, name
+    assert by_param[id(named["bn1.weight"])] == 0.0
+    assert by_param[id(named["fc.bias"])] == 0.0
+    assert by_param[id(named["fc.weight"])] == 5e-4
+    assert by_param[id(named["layer3.0.downsample.0.weight"])] == 5e-4
+
+
+def test_weight_decay_only_shrinks_weights():
+    """One real step with zero loss gradient: only decayed weights move, by the Nesterov amount."""
+    model = build_model("resnet18", num_classes=10)
+    optimizer = build_optimizer(model, global_batch=256, lr_per_256=0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    # SGD: g = wd * w; buf = g; Nesterov direction = g + momentum * buf = 1.9 * wd * w.
+    shrink = 1 - 0.1 * 1.9 * 5e-4
+    for name, p in model.named_parameters():
+        expected = before[name] * shrink if p.ndim > 1 else before[name]
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=0, msg=name)
+
+
+def test_nesterov_can_be_disabled(resnet18):
+    optimizer = build_optimizer(resnet18, global_batch=256, nesterov=False, weight_decay=0.0)
+    assert all(g["nesterov"] is False for g in optimizer.param_groups)
+    assert all(g["weight_decay"] == 0.0 for g in optimizer.param_groups)
+    with pytest.raises(ValueError):
+        build_optimizer(resnet18, global_batch=256, momentum=0.0)
+    with pytest.raises(ValueError):
+        build_optimizer(resnet18, global_batch=256, weight_decay=-1e-4)
+
+
+def test_cosine_pinned_iterations(resnet18):
+    optimizer = build_optimizer(resnet18, global_batch=1024)
+    scheduler = build_scheduler(optimizer, name="cosine", epochs=EPOCHS, iters_per_epoch=IPE)
+    # Building the scheduler sets iteration 0's lr before any step.
+    assert _lr(optimizer) == pytest.approx(4e-4)
+    assert _lr_at(scheduler, optimizer, 0) == pytest.approx(4e-4)
+    assert _lr_at(scheduler, optimizer, 1) == pytest.approx(4e-4 + (0.4 - 4e-4) / WARMUP)
+    assert _lr_at(scheduler, optimizer, WARMUP - 1) < 0.4
+    assert _lr_at(scheduler, optimizer, WARMUP) == pytest.approx(0.4)
+    # Cosine over the remaining T - W iterations; halfway, cos = 0 (to within half a step).
+    half = WARMUP + (TOTAL - WARMUP) // 2
+    assert _lr_at(scheduler, optimizer, half) == pytest.approx(0.2, abs=1e-5)
+    last = _lr_at(scheduler, optimizer, TOTAL - 1)
+    assert 0 < last < 0.4 * (math.pi / (TOTAL - WARMUP)) ** 2 / 4 * 1.01
+    assert _lr_at(scheduler, optimizer, TOTAL) == 0.0
+
+
+def test_cosine_with_min_lr(resnet18):
+    optimizer = build_optimizer(resnet18, global_batch=1024)
+    scheduler = build_scheduler(
+        optimizer, name="cosine", epochs=EPOCHS, iters_per_epoch=IPE, min_lr=1e-5
+    )
+    half = WARMUP + (TOTAL - WARMUP) // 2
+    assert _lr_at(scheduler, optimizer, half) == pytest.approx(0.2 + 1e-5 / 2, abs=1e-5)
+    assert _lr_at(scheduler, optimizer, TOTAL - 1) == pytest.approx(1e-5, abs=1e-9)
+    assert _lr_at(scheduler, optimizer, TOTAL + 5) == pytest.approx(1e-5)
+
+
+def test_step_pinned_iterations(resnet18):
+    optimizer = build_optimizer(resnet18, global_batch=1024)
+    scheduler = build_scheduler(optimizer, name="step", epochs=EPOCHS, iters_per_epoch=IPE)
+    assert _lr(optimizer) == pytest.approx(4e-4)
+    assert _lr_at(scheduler, optimizer, WARMUP) == pytest.approx(0.4)
+    assert _lr_at(scheduler, optimizer, 30 * IPE - 1) == pytest.approx(0.4)
+    assert _lr_at(scheduler, optimizer, 30 * IPE) == pytest.approx(0.04)
+    assert _lr_at(scheduler, optimizer, 60 * IPE - 1) == pytest.approx(0.04)
+    assert _lr_at(scheduler, optimizer, 60 * IPE) == pytest.approx(0.004)
+    assert _lr_at(scheduler, optimizer, 90 * IPE - 1) == pytest.approx(0.004)
+    assert _lr_at(scheduler, optimizer, 90 * IPE) == pytest.approx(0.0004)
+    assert _lr_at(scheduler, optimizer, TOTAL - 1) == pytest.approx(0.0004)
+
+
+def _closed_form(name, i, *, peak, epochs, ipe, warmup_epochs, warmup_lr, milestones):
+    warmup, total = warmup_epochs * ipe, epochs * ipe
+    if i < warmup:
+        return warmup_lr + (peak - warmup_lr) * i / warmup
+    if name == "cosine":
+        return peak * (1 + math.cos(math.pi * (i - warmup) / (total - warmup))) / 2
+    return peak * 0.1 ** sum(m * ipe <= i for m in milestones)
+
+
+@pytest.mark.parametrize("name", ["cosine", "step"])
+def test_trainer_loop_uses_closed_form_lr_each_iteration(name):
+    """Drive the scheduler exactly as the trainer does and record the lr of every real step."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = build_optimizer(model, global_batch=512)
+    spec = dict(epochs=6, iters_per_epoch=4, warmup_epochs=2, warmup_lr=1e-3, milestones=(3, 5))
+    scheduler = build_scheduler(optimizer, name=name, **spec)
+    used = []
+    num_updates = 0
+    for _epoch in range(spec["epochs"]):
+        for _ in range(spec["iters_per_epoch"]):
+            model(torch.randn(2, 4)).square().mean().backward()
+            used.append(_lr(optimizer))
+            optimizer.step()
+            optimizer.zero_grad()
+            num_updates += 1
+            scheduler.step_update(num_updates)
+    expected = [
+        _closed_form(
+            name,
+            i,
+            peak=0.2,
+            epochs=6,
+            ipe=4,
+            warmup_epochs=2,
+            warmup_lr=1e-3,
+            milestones=(3, 5),
+        )
+        for i in range(24)
+    ]
+    assert used == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_resume_restores_the_schedule(resnet18, tmp_path):
+    def fresh():
+        opt = build_optimizer(resnet18, global_batch=1024)
+        return opt, build_scheduler(opt, name="cosine", epochs=EPOCHS, iters_per_epoch=IPE)
+
+    optimizer, scheduler = fresh()
+    k = 40_000
+    scheduler.step_update(k)
+    path = tmp_path / "last.pth"
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+
+    resumed_opt, resumed_sched = fresh()
+    assert _lr(resumed_opt) == pytest.approx(4e-4)  # a fresh schedule starts at warmup
+    resumed_opt.load_state_dict(state["optimizer"])
+    resumed_sched.load_state_dict(state["scheduler"])
+    assert _lr(resumed_opt) == _lr(optimizer)
+    for i in (k + 1, k + 1000, TOTAL - 1):
+        assert _lr_at(resumed_sched, resumed_opt, i) == _lr_at(scheduler, optimizer, i)
+
+    # Scheduler state alone is enough once step_update(num_updates) is called.
+    only_sched_opt, only_sched = fresh()
+    only_sched.load_state_dict(state["scheduler"])
+    assert _lr_at(only_sched, only_sched_opt, k) == _lr_at(scheduler, optimizer, k)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"name": "linear"},
+        {"warmup_epochs": 100},
+        {"warmup_epochs": 120},
+        {"warmup_epochs": -1},
+        {"epochs": 0},
+        {"iters_per_epoch": 0},
+        {"iters_per_epoch": 12.5},
+        {"min_lr": 1.0},
+        {"min_lr": -1e-6},
+        {"name": "step", "milestones": (60, 30, 90)},
+        {"name": "step", "milestones": (30, 30)},
+        {"name": "step", "milestones": (30, 60, 100)},
+        {"name": "step", "milestones": (5, 60)},
+        {"name": "step", "decay_rate": 1.5},
+    ],
+)
+def test_invalid_schedules_are_refused(resnet18, overrides):
+    optimizer = build_optimizer(resnet18, global_batch=1024)
+    kwargs = {"name": "cosine", "epochs": EPOCHS, "iters_per_epoch": IPE} | overrides
+    with pytest.raises(ValueError):
+        build_scheduler(optimizer, **kwargs)
