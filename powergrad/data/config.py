@@ -1,0 +1,88 @@
+"""Typed configuration for the data pipeline (Hydra groups `data` and `loader`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# ImageNet channel statistics on the 0-1 scale (torchvision / timm convention).
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+DATASETS = ("digits", "imagenet", "synthetic")
+BACKENDS = ("dali", "torch")
+BAD_FILE_POLICIES = ("skip", "error")
+
+
+@dataclass
+class DataConfig:
+    """What to read and how to augment it (Hydra group `data`).
+
+    `root` holds ROOT/train/<class>/* and ROOT/val/<class>/*. For `digits`, None means the cache
+    directory ($POWERGRAD_CACHE or ~/.cache/powergrad)/digits, materialized on first use.
+    """
+
+    name: str = "digits"
+    root: str | None = None
+    # None: the number of class folders; synthetic needs it set.
+    num_classes: int | None = None
+    # Train random-crop and val center-crop side, pixels.
+    image_size: int = 224
+    # Val: resize the shorter side to floor(image_size / ratio) pixels, then center crop.
+    val_resize_ratio: float = 0.875
+    # Random-resized-crop area fraction lower bound (upper bound 1.0); aspect ratio 3/4..4/3.
+    crop_scale_min: float = 0.08
+    hflip: bool = True
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    # skip: leave undecodable files out and warn with their paths; error: refuse to start.
+    on_bad_file: str = "skip"
+    # Bad-file manifest written by scripts/check_dataset.py; None: ROOT/bad_files.tsv if present.
+    bad_files: str | None = None
+    # Synthetic data only: images per epoch (all ranks together).
+    synthetic_train_images: int = 1_281_167
+    synthetic_val_images: int = 50_000
+
+    def __post_init__(self) -> None:
+        if self.name not in DATASETS:
+            raise ValueError(f"data.name={self.name!r}: expected one of {DATASETS}")
+        if self.on_bad_file not in BAD_FILE_POLICIES:
+            raise ValueError(
+                f"data.on_bad_file={self.on_bad_file!r}: expected one of {BAD_FILE_POLICIES}"
+            )
+        if self.image_size <= 0:
+            raise ValueError(f"data.image_size={self.image_size}: must be positive")
+        if not 0.0 < self.val_resize_ratio <= 1.0:
+            raise ValueError(f"data.val_resize_ratio={self.val_resize_ratio}: must be in (0, 1]")
+        if not 0.0 < self.crop_scale_min <= 1.0:
+            raise ValueError(f"data.crop_scale_min={self.crop_scale_min}: must be in (0, 1]")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError("data.mean and data.std need 3 entries each, std > 0")
+        if self.name == "synthetic" and not self.num_classes:
+            raise ValueError("data.name=synthetic needs data.num_classes (e.g. 1000)")
+
+
+@dataclass
+class LoaderConfig:
+    """How to read it (Hydra group `loader`); synthetic data ignores it."""
+
+    backend: str = "dali"
+    # DALI CPU threads / torch worker processes, per rank.
+    workers: int = 2
+    # Batches prepared ahead: DALI prefetch_queue_depth / torch prefetch_factor.
+    prefetch: int = 2
+    # torch only: pin host memory for faster host-to-GPU copies (ignored without CUDA).
+    pin_memory: bool = True
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"loader.backend={self.backend!r}: expected one of {BACKENDS}")
+        if self.workers < 0:
+            raise ValueError(f"loader.workers={self.workers}: must be >= 0")
+        if self.prefetch < 1:
+            raise ValueError(f"loader.prefetch={self.prefetch}: must be >= 1")
+
+
+def val_resize_size(data: DataConfig) -> int:
+    """Shorter-side size (pixels) the val images are resized to before the center crop."""
+    # The epsilon keeps e.g. 224 / 0.875 at 256 despite float rounding.
+    return int(data.image_size / data.val_resize_ratio + 1e-6)

@@ -1,0 +1,269 @@
+"""Dataset layout check: ROOT/{train,val}/<class>/<file>, cheap bad-file sniffing, manifests.
+
+The check runs before any model is built and reports every problem with its path:
+missing split, empty class, train/val class mismatch, and files that cannot be decoded.
+`sniff_file` is the cheap test (size, magic bytes, end marker); its results are cached per
+dataset keyed by the listing (path, size, mtime), so a second start does not reread the files.
+scripts/check_dataset.py does the full decode scan and writes a bad-file manifest
+(`read_bad_manifest`), which the loaders also skip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SPLITS = ("train", "val")
+BAD_MANIFEST_NAME = "bad_files.tsv"
+# Bytes read from the end of a file to find its end marker: ImageNet has JPEGs with a few
+# hundred bytes of padding after EOI, which are valid.
+_TAIL_BYTES = 4096
+_CHECK_CACHE_VERSION = 1
+
+
+class DatasetError(ValueError):
+    """The dataset folder is not usable; the message names the offending paths."""
+
+
+@dataclass
+class Sample:
+    """One image: path relative to the dataset root, and its class index."""
+
+    path: str
+    label: int
+
+
+@dataclass
+class Listing:
+    """The checked dataset: sorted classes and per-split samples with bad files removed."""
+
+    root: str
+    classes: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    # Relative path -> reason, for files excluded from `train` / `val`.
+    bad: dict[str, str] = field(default_factory=dict)
+
+    def files(self, split: str) -> list[str]:
+        """Absolute paths of `split`'s samples, in listing order."""
+        samples = self.train if split == "train" else self.val
+        return [os.path.join(self.root, s.path) for s in samples]
+
+    def labels(self, split: str) -> list[int]:
+        """Class indices of `split`'s samples, in listing order."""
+        samples = self.train if split == "train" else self.val
+        return [s.label for s in samples]
+
+
+def default_cache_dir() -> Path:
+    """Cache directory: $POWERGRAD_CACHE, else ~/.cache/powergrad."""
+    env = os.environ.get("POWERGRAD_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "powergrad"
+
+
+def sniff_bytes(head: bytes, tail: bytes, size: int) -> str:
+    """Classify a file from its first bytes and last bytes; '' means it looks decodable.
+
+    Catches what makes decoders fail outright: empty files, non-image content, formats one of
+    the backends cannot read, and truncated JPEG / PNG files (no end marker near the end).
+    """
+    if size == 0:
+        return "empty file"
+    if head.startswith(b"\xff\xd8\xff"):
+        # JPEG: the EOI marker FFD9 must be near the end; entropy-coded data never contains it
+        # (FF is byte-stuffed), so its absence in the tail means the file was cut short.
+        return "" if b"\xff\xd9" in tail else "truncated JPEG (no EOI marker)"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "" if b"IEND" in tail else "truncated PNG (no IEND chunk)"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return ""
+    if head[:2] == b"BM" or head[:4] in (b"II*\x00", b"MM\x00*"):
+        return ""
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF is not supported by DALI"
+    return "not an image (unknown format)"
+
+
+def sniff_file(path: str | os.PathLike) -> str:
+    """Cheap decodability check of one file on disk; '' if it looks fine, else the reason."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - _TAIL_BYTES))
+            tail = f.read()
+    except OSError as e:
+        return f"unreadable: {e.strerror or e}"
+    return sniff_bytes(head, tail, size)
+
+
+def list_split(root: Path, split: str) -> dict[str, list[os.DirEntry]]:
+    """Class name -> sorted file entries of one split; hidden files and subfolders are ignored."""
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise DatasetError(f"missing split folder: {split_dir} (expected ROOT/{split}/<class>/*)")
+    classes: dict[str, list[os.DirEntry]] = {}
+    for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue
+        files = [e for e in os.scandir(entry.path) if not e.name.startswith(".") and e.is_file()]
+        classes[entry.name] = sorted(files, key=lambda e: e.name)
+    if not classes:
+        raise DatasetError(f"no class folders in {split_dir} (expected {split_dir}/<class>/*)")
+    return classes
+
+
+def _listing_key(root: Path, entries: Iterable[tuple[str, os.DirEntry]]) -> tuple[str, list]:
+    """Digest of (relative path, size, mtime_ns) of every file, and the stat rows."""
+    digest = hashlib.sha256()
+    rows = []
+    for rel, e in entries:
+        st = e.stat()
+        rows.append((rel, st.st_size))
+        digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    digest.update(str(root.resolve()).encode())
+    return digest.hexdigest(), rows
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def cheap_check(
+    root: Path, entries: list[tuple[str, os.DirEntry]], cache_dir: Path | None, threads: int = 8
+) -> dict[str, str]:
+    """Sniff every file (cached by listing digest); returns relative path -> reason for bad ones."""
+    key, _ = _listing_key(root, entries)
+    cache_file = None
+    if cache_dir is not None:
+        root_id = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+        cache_file = cache_dir / "checks" / f"{root_id}.json"
+        try:
+            cached = json.loads(cache_file.read_text())
+            if cached.get("version") == _CHECK_CACHE_VERSION and cached.get("key") == key:
+                return dict(cached["bad"])
+        except (OSError, ValueError, KeyError):
+            pass
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        reasons = list(pool.map(lambda item: sniff_file(item[1].path), entries))
+    bad = {rel: why for (rel, _), why in zip(entries, reasons, strict=True) if why}
+    if cache_file is not None:
+        try:
+            payload = {"version": _CHECK_CACHE_VERSION, "root": str(root.resolve()), "key": key}
+            _atomic_write_text(cache_file, json.dumps({**payload, "bad": bad}, indent=0))
+        except OSError:
+            # A read-only cache only costs a re-sniff next start.
+            pass
+    return bad
+
+
+def read_bad_manifest(path: str | os.PathLike) -> dict[str, str]:
+    """Read a bad-file manifest: lines `relative/path<TAB>reason`, '#' starts a comment."""
+    bad = {}
+    for line in Path(path).read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        rel, _, why = line.partition("\t")
+        bad[rel.strip()] = why.strip() or "listed in bad-file manifest"
+    return bad
+
+
+def write_bad_manifest(path: str | os.PathLike, bad: dict[str, str], scanned: int) -> None:
+    """Write the manifest read by `read_bad_manifest` (atomically)."""
+    lines = [
+        f"# bad files found by a full decode scan of {scanned} files; loaders skip these",
+        *(f"{rel}\t{why}" for rel, why in sorted(bad.items())),
+    ]
+    _atomic_write_text(Path(path), "\n".join(lines) + "\n")
+
+
+def format_bad(bad: dict[str, str], root: str, limit: int = 20) -> str:
+    """Human-readable list of bad files with absolute paths (first `limit`)."""
+    items = sorted(bad.items())
+    text = "\n".join(f"  {os.path.join(root, rel)}: {why}" for rel, why in items[:limit])
+    if len(items) > limit:
+        text += f"\n  ... and {len(items) - limit} more"
+    return text
+
+
+def check_dataset(
+    root: str | os.PathLike,
+    *,
+    on_bad_file: str = "skip",
+    bad_manifest: str | os.PathLike | None = None,
+    cache_dir: Path | None = None,
+    sniff: bool = True,
+) -> Listing:
+    """Check ROOT/{train,val}/<class>/* and return the usable listing.
+
+    Raises DatasetError naming paths for: a missing root or split, a split without class folders,
+    an empty class, train/val class mismatch, and (with on_bad_file="error") bad files. With
+    "skip", bad files (cheap sniff + the manifest, ROOT/bad_files.tsv by default) are left out
+    and listed in a warning. Classes are the sorted train folder names, labels their indices.
+    """
+    root_path = Path(root)
+    if not root_path.is_dir():
+        raise DatasetError(f"dataset root not found: {root_path}")
+    splits = {split: list_split(root_path, split) for split in SPLITS}
+    empty = [
+        str(root_path / split / cls)
+        for split, classes in splits.items()
+        for cls, files in classes.items()
+        if not files
+    ]
+    if empty:
+        raise DatasetError("empty class folders:\n  " + "\n  ".join(empty))
+    train_cls, val_cls = set(splits["train"]), set(splits["val"])
+    if train_cls != val_cls:
+        only_train = sorted(train_cls - val_cls)
+        only_val = sorted(val_cls - train_cls)
+        raise DatasetError(
+            f"train/val class mismatch under {root_path}:\n"
+            f"  only in {root_path / 'train'}: {only_train[:20]}{' ...' if len(only_train) > 20 else ''}\n"
+            f"  only in {root_path / 'val'}: {only_val[:20]}{' ...' if len(only_val) > 20 else ''}"
+        )
+    classes = sorted(train_cls)
+    entries = [
+        (f"{split}/{cls}/{e.name}", e)
+        for split in SPLITS
+        for cls in classes
+        for e in splits[split][cls]
+    ]
+    bad: dict[str, str] = {}
+    if sniff:
+        bad.update(cheap_check(root_path, entries, cache_dir))
+    manifest = Path(bad_manifest) if bad_manifest else root_path / BAD_MANIFEST_NAME
+    if bad_manifest and not manifest.is_file():
+        raise DatasetError(f"bad-file manifest not found: {manifest}")
+    if manifest.is_file():
+        known = {rel for rel, _ in entries}
+        bad.update({rel: why for rel, why in read_bad_manifest(manifest).items() if rel in known})
+    if bad:
+        message = f"{len(bad)} undecodable file(s) under {root_path}:\n" + format_bad(
+            bad, str(root_path)
+        )
+        if on_bad_file == "error":
+            raise DatasetError(message + "\n(set data.on_bad_file=skip to leave them out)")
+        warnings.warn(message + "\nskipping them (data.on_bad_file=skip)", stacklevel=2)
+    index = {cls: i for i, cls in enumerate(classes)}
+    samples: dict[str, list[Sample]] = {split: [] for split in SPLITS}
+    for rel, _ in entries:
+        if rel in bad:
+            continue
+        split, cls, _ = rel.split("/", 2)
+        samples[split].append(Sample(rel, index[cls]))
+    for split in SPLITS:
+        if not samples[split]:
+            raise DatasetError(f"no usable images left in {root_path / split}")
+    return Listing(str(root_path), classes, samples["train"], samples["val"], bad)

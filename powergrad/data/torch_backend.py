@@ -1,0 +1,222 @@
+"""torchvision backend: torchvision.io decode (libjpeg-turbo), transforms v2, torch DataLoader.
+
+The reference the DALI pipeline is checked against. Augmentation randomness depends only on
+(seed, epoch, sample index), never on which worker loads a sample, so an epoch started at
+batch k yields exactly the tail of the full epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms import v2
+
+from powergrad.data.config import DataConfig, LoaderConfig, val_resize_size
+from powergrad.data.sampling import (
+    STREAM_AUGMENT,
+    derive_seed,
+    epoch_permutation,
+    shard_range,
+    train_steps,
+)
+
+
+def load_rgb(path: str) -> torch.Tensor:
+    """Decode an image file to a uint8 3 x H x W RGB tensor.
+
+    torchvision.io first (libjpeg-turbo; grayscale and CMYK JPEGs are converted to RGB), PIL
+    only for what it cannot decode.
+    """
+    try:
+        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        from PIL import Image
+
+        with Image.open(path) as img:
+            rgb = img.convert("RGB")
+            return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
+
+
+class ImageFiles(Dataset):
+    """Files + labels; indexed by (epoch, sample index) so augmentation is reproducible."""
+
+    def __init__(
+        self, files: Sequence[str], labels: Sequence[int], transform: v2.Transform, seed: int
+    ) -> None:
+        self.files = list(files)
+        self.labels = list(labels)
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, index = key
+        image = load_rgb(self.files[index])
+        # fork_rng keeps the caller's global RNG untouched when loading in the main process.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.seed, epoch, index, STREAM_AUGMENT))
+            image = self.transform(image)
+        return image, self.labels[index]
+
+
+class _EpochBatches(Sampler):
+    """Batch sampler over (epoch, index) keys; `configure` picks the epoch and start batch."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world_size: int, seed: int) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.steps = train_steps(n, batch_size, world_size)
+        self.epoch, self.start_batch = 0, 0
+
+    def configure(self, epoch: int, start_batch: int) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return self.steps - self.start_batch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order = epoch_permutation(self.n, self.seed, self.epoch)
+        start, _ = shard_range(self.n, self.rank, self.world_size)
+        for b in range(self.start_batch, self.steps):
+            lo = start + b * self.batch_size
+            yield [(self.epoch, int(i)) for i in order[lo : lo + self.batch_size]]
+
+
+def _collate(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.stack([img for img, _ in batch])
+    labels = torch.tensor([label for _, label in batch], dtype=torch.int64)
+    return images, labels
+
+
+class Normalizer:
+    """uint8 N x 3 x H x W -> float32 on `device`, (x / 255 - mean) / std per channel."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device) -> None:
+        self.device = device
+        self.mean = torch.tensor([255.0 * m for m in mean], device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor([255.0 * s for s in std], device=device).view(1, 3, 1, 1)
+
+    def __call__(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        images = images.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
+        return images, labels.to(self.device, non_blocking=True)
+
+
+def _loader_kwargs(loader: LoaderConfig, device: torch.device) -> dict:
+    kwargs: dict = {
+        "num_workers": loader.workers,
+        "collate_fn": _collate,
+        "pin_memory": loader.pin_memory and device.type == "cuda",
+    }
+    if loader.workers > 0:
+        kwargs.update(persistent_workers=True, prefetch_factor=loader.prefetch)
+    return kwargs
+
+
+def train_transform(data: DataConfig) -> v2.Transform:
+    """Random-resized crop (area crop_scale_min..1, aspect 3/4..4/3) to image_size, flip."""
+    steps: list[v2.Transform] = [
+        v2.RandomResizedCrop(
+            data.image_size,
+            scale=(data.crop_scale_min, 1.0),
+            ratio=(3 / 4, 4 / 3),
+            antialias=True,
+        )
+    ]
+    if data.hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps)
+
+
+def val_transform(data: DataConfig) -> v2.Transform:
+    """Resize the shorter side to image_size / val_resize_ratio (bilinear), center crop."""
+    return v2.Compose(
+        [
+            v2.Resize(val_resize_size(data), antialias=True),
+            v2.CenterCrop(data.image_size),
+        ]
+    )
+
+
+class TorchTrainLoader:
+    """Training batches from torchvision; see powergrad.data for the TrainLoader contract."""
+
+    def __init__(
+        self,
+        files: Sequence[str],
+        labels: Sequence[int],
+        data: DataConfig,
+        loader: LoaderConfig,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        seed: int,
+    ) -> None:
+        self.sampler = _EpochBatches(len(files), batch_size, rank, world_size, seed)
+        dataset = ImageFiles(files, labels, train_transform(data), seed)
+        self.loader = DataLoader(
+            dataset, batch_sampler=self.sampler, **_loader_kwargs(loader, device)
+        )
+        self.normalize = Normalizer(data.mean, data.std, device)
+
+    def __len__(self) -> int:
+        return self.sampler.steps
+
+    def epoch(
+        self, epoch: int, start_batch: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches start_batch..len-1 of `epoch` (images normalized on device, int64 labels)."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch={start_batch} outside 0..{len(self)}")
+        self.sampler.configure(epoch, start_batch)
+        if start_batch == len(self):
+            return
+        for images, labels in self.loader:
+            yield self.normalize(images, labels)
+
+    def state_dict(self) -> dict:
+        """No extra state: the order and augmentation follow from (seed, epoch, batch)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Accept the (empty) state written by `state_dict`."""
+
+
+class TorchEvalLoader:
+    """Validation batches; rank r reads its contiguous shard once, no padding, no augmentation."""
+
+    def __init__(
+        self,
+        files: Sequence[str],
+        labels: Sequence[int],
+        data: DataConfig,
+        loader: LoaderConfig,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+    ) -> None:
+        start, stop = shard_range(len(files), rank, world_size)
+        keys = [(0, i) for i in range(start, stop)]
+        batches = [keys[i : i + batch_size] for i in range(0, len(keys), batch_size)]
+        dataset = ImageFiles(files, labels, val_transform(data), seed=0)
+        self.loader = DataLoader(dataset, batch_sampler=batches, **_loader_kwargs(loader, device))
+        self.batches = len(batches)
+        self.normalize = Normalizer(data.mean, data.std, device)
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self.loader:
+            yield self.normalize(images, labels)
