@@ -144,6 +144,10 @@ def _strip_wrapper_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return state
 
 
+def _shape(value: Any) -> str:
+    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
 def _describe(state_dict: Mapping[str, Any]) -> str:
     """Guess 'resnet50 / num_classes=10' from the keys and shapes of a timm ResNet state dict."""
     blocks = []
@@ -193,7 +197,7 @@ def load_state_dict_strict(
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        f"{k}: checkpoint {_shape(state[k])} vs model {tuple(v.shape)}"
         for k, v in expected.items()
         if k in state and (not isinstance(state[k], torch.Tensor) or state[k].shape != v.shape)
     ]

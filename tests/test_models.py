@@ -156,6 +156,10 @@ def test_raw_state_dict_with_ddp_prefix_and_ema_choice(tmp_path):
     model = build_model("resnet18", num_classes=10)
     load_state_dict_strict(model, load_timm_checkpoint(raw))
     assert torch.equal(model.conv1.weight, source.conv1.weight)
+    # DDP around torch.compile: both wrapper prefixes are stripped.
+    compiled = {f"module._orig_mod.{k}": v + 1 for k, v in source.state_dict().items()}
+    load_state_dict_strict(model, compiled)
+    assert torch.equal(model.fc.bias, source.fc.bias + 1)
 
     ema = {k: v + 1 if v.is_floating_point() else v for k, v in source.state_dict().items()}
     checkpoint = _timm_checkpoint(source.state_dict(), "resnet18") | {"state_dict_ema": ema}
@@ -194,6 +198,13 @@ def test_wrong_architecture_is_named_and_nothing_is_copied():
     assert "model is resnet18 / num_classes=1000" in message
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_non_tensor_value_is_a_mismatch():
+    state = build_model("resnet18", num_classes=10).state_dict()
+    state["fc.bias"] = None
+    with pytest.raises(ValueError, match=r"fc\.bias: checkpoint NoneType vs model \(10,\)"):
+        load_state_dict_strict(build_model("resnet18", num_classes=10), state)
 
 
 def test_class_count_and_norm_mismatches_are_named():
