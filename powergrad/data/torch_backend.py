@@ -135,13 +135,28 @@ def train_transform(data: DataConfig) -> v2.Transform:
     return v2.Compose(steps)
 
 
+class CenterCrop:
+    """Center crop whose offset rounds half up, (H - size + 1) // 2, as DALI's crop_pos 0.5 does.
+
+    torchvision's CenterCrop rounds half to even, which puts the window one pixel off DALI's
+    whenever H - size or W - size is odd (e.g. 341 - 224 for a 500x375 image at 256).
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        if height < self.size or width < self.size:
+            raise ValueError(f"image {height}x{width} smaller than the {self.size} crop")
+        top, left = (height - self.size + 1) // 2, (width - self.size + 1) // 2
+        return image[..., top : top + self.size, left : left + self.size]
+
+
 def val_transform(data: DataConfig) -> v2.Transform:
     """Resize the shorter side to image_size / val_resize_ratio (bilinear), center crop."""
     return v2.Compose(
-        [
-            v2.Resize(val_resize_size(data), antialias=True),
-            v2.CenterCrop(data.image_size),
-        ]
+        [v2.Resize(val_resize_size(data), antialias=True), CenterCrop(data.image_size)]
     )
 
 

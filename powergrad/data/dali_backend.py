@@ -1,0 +1,267 @@
+"""DALI backend (fn API): file reader sharded by rank, decode + random crop, resize, flip,
+normalize; mixed (nvJPEG) decode and GPU operators when the device is CUDA, CPU operators else.
+
+Train: every epoch builds a fresh pipeline over that epoch's file order (the global permutation
+of powergrad.data.sampling, also used by the torch backend), read in order by
+fn.readers.file(files=..., shard_id=rank, num_shards=world_size), with operator seeds derived
+from (seed, epoch, rank). So epoch e's batches depend on (seed, e, rank, world_size) only, never
+on earlier epochs having run. The pipeline has DALI checkpointing enabled: `state_dict` saves the
+pipeline + iterator checkpoint after the last batch handed out, and a pipeline rebuilt from it
+continues with the next batch bit-for-bit. Without a matching checkpoint, `epoch(e, k)` replays
+and discards batches 0..k-1 (same result, costs their decode time).
+
+Val: one persistent pipeline over the sorted val files with pad_last_batch=True and an iterator
+with LastBatchPolicy.PARTIAL, which drops the padding: across ranks every image once.
+
+Only files that passed the dataset check are ever listed, so the reader never sees an empty or
+truncated file.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator, Sequence
+
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from powergrad.data.config import DataConfig, LoaderConfig, val_resize_size
+from powergrad.data.sampling import (
+    STREAM_DALI,
+    derive_seed,
+    epoch_permutation,
+    shard_range,
+    train_steps,
+)
+
+_OUTPUTS = ["images", "labels"]
+
+
+def _normalize_args(data: DataConfig) -> dict:
+    # DALI normalizes decoded 0-255 pixels, so the 0-1 statistics are scaled by 255.
+    return {
+        "dtype": types.FLOAT,
+        "output_layout": "CHW",
+        "mean": [255.0 * m for m in data.mean],
+        "std": [255.0 * s for s in data.std],
+    }
+
+
+@pipeline_def(enable_checkpointing=True)
+def train_pipeline(
+    files: list[str], labels: list[int], shard_id: int, num_shards: int, data: DataConfig, gpu: bool
+):
+    """Read in the given order, decode a random crop (area crop_scale_min..1, aspect 3/4..4/3),
+    resize to image_size (bilinear, antialiased), random flip, normalize."""
+    encoded, label = fn.readers.file(
+        files=files,
+        labels=labels,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        random_shuffle=False,  # the order is the epoch permutation given in `files`
+        pad_last_batch=True,
+        name="Reader",
+    )
+    images = fn.decoders.image_random_crop(
+        encoded,
+        device="mixed" if gpu else "cpu",
+        output_type=types.RGB,
+        random_area=[data.crop_scale_min, 1.0],
+        random_aspect_ratio=[3 / 4, 4 / 3],
+        num_attempts=10,
+    )
+    images = fn.resize(
+        images,
+        resize_x=data.image_size,
+        resize_y=data.image_size,
+        interp_type=types.INTERP_LINEAR,
+        antialias=True,
+    )
+    mirror = fn.random.coin_flip(probability=0.5) if data.hflip else 0
+    images = fn.crop_mirror_normalize(images, mirror=mirror, **_normalize_args(data))
+    return images, label.gpu() if gpu else label
+
+
+@pipeline_def
+def val_pipeline(
+    files: list[str], labels: list[int], shard_id: int, num_shards: int, data: DataConfig, gpu: bool
+):
+    """Decode, resize the shorter side to image_size / val_resize_ratio, center crop, normalize."""
+    encoded, label = fn.readers.file(
+        files=files,
+        labels=labels,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        random_shuffle=False,
+        pad_last_batch=True,
+        name="Reader",
+    )
+    images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    images = fn.resize(
+        images,
+        resize_shorter=val_resize_size(data),
+        interp_type=types.INTERP_LINEAR,
+        antialias=True,
+    )
+    images = fn.crop_mirror_normalize(
+        images,
+        crop=(data.image_size, data.image_size),
+        crop_pos_x=0.5,
+        crop_pos_y=0.5,
+        **_normalize_args(data),
+    )
+    return images, label.gpu() if gpu else label
+
+
+def _pipe_kwargs(loader: LoaderConfig, batch_size: int, device: torch.device) -> dict:
+    gpu = device.type == "cuda"
+    return {
+        "batch_size": batch_size,
+        "num_threads": max(1, loader.workers),
+        "device_id": (device.index if device.index is not None else torch.cuda.current_device())
+        if gpu
+        else None,
+        "prefetch_queue_depth": loader.prefetch,
+    }
+
+
+def _to_contract(batch: list[dict], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    out = batch[0]
+    images = out["images"].to(device, non_blocking=True)
+    # The reader yields int32 labels of shape N x 1.
+    labels = out["labels"].reshape(-1).to(device=device, dtype=torch.int64, non_blocking=True)
+    return images, labels
+
+
+class DaliTrainLoader:
+    """Training batches from DALI; see powergrad.data for the TrainLoader contract."""
+
+    def __init__(
+        self,
+        files: Sequence[str],
+        labels: Sequence[int],
+        data: DataConfig,
+        loader: LoaderConfig,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        seed: int,
+    ) -> None:
+        self.files, self.labels = list(files), list(labels)
+        self.data, self.loader = data, loader
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.device, self.seed = device, seed
+        self.steps = train_steps(len(self.files), batch_size, world_size)
+        self._iterator: DALIGenericIterator | None = None
+        self._epoch, self._next_batch = 0, 0
+        self._resume: dict = {}
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def _build(self, epoch: int, checkpoint: bytes | None) -> DALIGenericIterator:
+        order = epoch_permutation(len(self.files), self.seed, epoch)
+        pipe = train_pipeline(
+            [self.files[i] for i in order],
+            [self.labels[i] for i in order],
+            self.rank,
+            self.world_size,
+            self.data,
+            self.device.type == "cuda",
+            seed=derive_seed(self.seed, epoch, self.rank, self.world_size, STREAM_DALI),
+            checkpoint=checkpoint,
+            **_pipe_kwargs(self.loader, self.batch_size, self.device),
+        )
+        pipe.build()
+        return DALIGenericIterator(
+            pipe, _OUTPUTS, reader_name="Reader", last_batch_policy=LastBatchPolicy.DROP
+        )
+
+    def epoch(
+        self, epoch: int, start_batch: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches start_batch..len-1 of `epoch` (images normalized on device, int64 labels)."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch={start_batch} outside 0..{len(self)}")
+        resume, self._resume = self._resume, {}
+        restorable = (
+            start_batch > 0
+            and resume.get("epoch") == epoch
+            and resume.get("next_batch") == start_batch
+            and "dali_checkpoint" in resume
+        )
+        checkpoint = base64.b64decode(resume["dali_checkpoint"]) if restorable else None
+        self._iterator = self._build(epoch, checkpoint)
+        self._epoch, self._next_batch = epoch, 0 if checkpoint is None else start_batch
+        try:
+            while self._next_batch < self.steps:
+                batch = next(self._iterator)
+                self._next_batch += 1
+                if self._next_batch > start_batch:
+                    yield _to_contract(batch, self.device)
+        finally:
+            # Drop the pipeline (its threads and buffers) once the epoch is over or abandoned.
+            self._iterator = None
+
+    def state_dict(self) -> dict:
+        """Position and DALI checkpoint after the last batch handed out ({} between epochs)."""
+        if self._iterator is None:
+            return {}
+        checkpoint = self._iterator.checkpoints()[0]
+        return {
+            "epoch": self._epoch,
+            "next_batch": self._next_batch,
+            "dali_checkpoint": base64.b64encode(checkpoint).decode("ascii"),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Use `state` for the next epoch(state['epoch'], start_batch=state['next_batch'])."""
+        self._resume = dict(state)
+
+
+class DaliEvalLoader:
+    """Validation batches: this rank's shard once, padding removed (LastBatchPolicy.PARTIAL)."""
+
+    def __init__(
+        self,
+        files: Sequence[str],
+        labels: Sequence[int],
+        data: DataConfig,
+        loader: LoaderConfig,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+    ) -> None:
+        self.device = device
+        start, stop = shard_range(len(files), rank, world_size)
+        self.batches = -(-(stop - start) // batch_size)
+        pipe = val_pipeline(
+            list(files),
+            list(labels),
+            rank,
+            world_size,
+            data,
+            device.type == "cuda",
+            seed=0,
+            **_pipe_kwargs(loader, batch_size, device),
+        )
+        pipe.build()
+        self.iterator = DALIGenericIterator(
+            pipe,
+            _OUTPUTS,
+            reader_name="Reader",
+            last_batch_policy=LastBatchPolicy.PARTIAL,
+            auto_reset=True,
+        )
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in self.iterator:
+            yield _to_contract(batch, self.device)
