@@ -7,6 +7,7 @@ batch k yields exactly the tail of the full epoch.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -32,7 +33,11 @@ def load_rgb(path: str) -> torch.Tensor:
     only for what it cannot decode.
     """
     try:
-        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+        with warnings.catch_warnings():
+            # torchvision 0.29 deprecates its decoders in favour of TorchCodec and warns on every
+            # call; the pinned version still ships them and they are the fast path here.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_image(read_file(path), mode=ImageReadMode.RGB)
     except RuntimeError:
         from PIL import Image
 

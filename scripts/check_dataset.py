@@ -1,0 +1,97 @@
+"""Full scan of a dataset: decode every image once and write a manifest of the bad ones.
+
+Complements the cheap check that runs at every start (size, magic bytes, end marker): this one
+decodes each file with the torch backend's decoder (torchvision.io, PIL fallback) and flags what
+fails or is not a 3-channel image of positive size. The manifest (default ROOT/bad_files.tsv,
+lines `relative/path<TAB>reason`) is read by both backends, which then skip those files, so DALI's
+reader never sees them. Also runs the layout check (missing split, empty class, class mismatch).
+
+Usage: python scripts/check_dataset.py ROOT [--workers 8] [--out ROOT/bad_files.tsv]
+Exit status: 0 when no bad files were found, 1 otherwise (the manifest is written either way),
+2 for a layout error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+# Running as `python scripts/check_dataset.py` from the repo root: make `powergrad` importable.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from powergrad.data.layout import (
+    BAD_MANIFEST_NAME,
+    SPLITS,
+    DatasetError,
+    format_bad,
+    list_split,
+    sniff_file,
+    write_bad_manifest,
+)
+
+
+def decode_problem(path: str) -> str:
+    """'' if the file decodes to a 3-channel image of positive size, else the reason."""
+    import torch
+
+    from powergrad.data.torch_backend import load_rgb
+
+    # One thread per process: the pool provides the parallelism.
+    torch.set_num_threads(1)
+    why = sniff_file(path)
+    if why:
+        return why
+    try:
+        image = load_rgb(path)
+    except Exception as e:  # any decoder failure marks the file bad, whatever its type
+        return (
+            f"decode failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        )
+    if image.ndim != 3 or image.shape[0] != 3 or min(image.shape[1:]) < 1:
+        return f"decoded to shape {tuple(image.shape)}, not 3 x H x W"
+    return ""
+
+
+def scan(root: Path, workers: int) -> tuple[dict[str, str], int]:
+    """Decode every file under ROOT/{train,val}/<class>/; returns (bad rel path -> reason, n)."""
+    rels = [
+        f"{split}/{cls}/{entry.name}"
+        for split in SPLITS
+        for cls, entries in list_split(root, split).items()
+        for entry in entries
+    ]
+    paths = [str(root / rel) for rel in rels]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        reasons = list(pool.map(decode_problem, paths, chunksize=64))
+    return {rel: why for rel, why in zip(rels, reasons, strict=True) if why}, len(rels)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("root", type=Path, help="dataset root with train/ and val/")
+    parser.add_argument("--workers", type=int, default=8, help="decode processes")
+    parser.add_argument(
+        "--out", type=Path, help=f"manifest path (default ROOT/{BAD_MANIFEST_NAME})"
+    )
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        bad, scanned = scan(args.root, args.workers)
+    except DatasetError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 2
+    out = args.out or args.root / BAD_MANIFEST_NAME
+    write_bad_manifest(out, bad, scanned)
+    seconds = time.perf_counter() - start
+    print(f"scanned {scanned} files in {seconds:.1f} s: {len(bad)} bad; manifest: {out}")
+    if bad:
+        print(format_bad(bad, str(args.root), limit=50))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

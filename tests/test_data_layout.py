@@ -1,0 +1,137 @@
+"""Dataset layout check: errors name paths, bad files are sniffed, cached, skipped or refused."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+
+from powergrad.data.generate import jpeg_bytes, photo_like, write_image_folder, write_odd_files
+from powergrad.data.layout import (
+    DatasetError,
+    check_dataset,
+    read_bad_manifest,
+    sniff_bytes,
+    sniff_file,
+    write_bad_manifest,
+)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """2 classes x (2 train, 1 val) real 40x30 JPEGs."""
+    return write_image_folder(
+        tmp_path / "ds", classes=2, train_per_class=2, val_per_class=1, size=(40, 30)
+    )
+
+
+def test_good_folder_lists_sorted_classes_and_labels(tiny):
+    listing = check_dataset(tiny, cache_dir=None)
+    assert listing.classes == sorted(os.listdir(tiny / "train"))
+    assert len(listing.train) == 4 and len(listing.val) == 2
+    for sample in listing.train + listing.val:
+        assert sample.path.split("/")[1] == listing.classes[sample.label]
+    assert listing.bad == {}
+
+
+def test_missing_root_and_split_name_the_path(tmp_path, tiny):
+    with pytest.raises(DatasetError, match=str(tmp_path / "nowhere")):
+        check_dataset(tmp_path / "nowhere")
+    (tiny / "val").rename(tiny / "validation")
+    with pytest.raises(DatasetError, match=f"missing split folder: {tiny / 'val'}"):
+        check_dataset(tiny)
+
+
+def test_empty_class_names_the_folder(tiny):
+    (tiny / "val" / "n99999999").mkdir()
+    (tiny / "train" / "n99999999").mkdir()
+    with pytest.raises(DatasetError, match="empty class") as err:
+        check_dataset(tiny)
+    assert str(tiny / "val" / "n99999999") in str(err.value)
+
+
+def test_class_mismatch_names_both_sides(tiny):
+    val_classes = sorted(os.listdir(tiny / "val"))
+    (tiny / "val" / val_classes[0]).rename(tiny / "val" / "n00000001")
+    with pytest.raises(DatasetError, match="class mismatch") as err:
+        check_dataset(tiny)
+    message = str(err.value)
+    assert val_classes[0] in message and "n00000001" in message
+    assert str(tiny / "train") in message and str(tiny / "val") in message
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"", "empty"),
+        (b"\xff\xd8\xff\xe0" + b"\x00" * 100, "truncated JPEG"),
+        (b"\xff\xd8\xff\xe0" + b"\x00" * 100 + b"\xff\xd9" + b"\x00" * 300, ""),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 50, "truncated PNG"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 50 + b"IEND\xaeB`\x82", ""),
+        (b"GIF89a" + b"\x00" * 20, "GIF"),
+        (b"hello world, not an image", "not an image"),
+    ],
+)
+def test_sniff_bytes(content, reason):
+    got = sniff_bytes(content[:16], content[-4096:], len(content))
+    assert (got == "") if reason == "" else (reason in got)
+
+
+def test_odd_files_skipped_with_warning_or_refused(tiny):
+    names = write_odd_files(tiny / "train" / sorted(os.listdir(tiny / "train"))[0])
+    with pytest.warns(UserWarning, match="2 undecodable") as record:
+        listing = check_dataset(tiny, cache_dir=None)
+    message = str(record[0].message)
+    for name in names["bad"]:
+        assert name in message
+    kept = {s.path.rsplit("/", 1)[1] for s in listing.train}
+    assert set(names["good"]) <= kept and not set(names["bad"]) & kept
+    assert len(listing.train) == 4 + len(names["good"])
+    with pytest.raises(DatasetError) as err:
+        check_dataset(tiny, on_bad_file="error", cache_dir=None)
+    for name in names["bad"]:
+        assert name in str(err.value)
+
+
+def test_check_is_cached_by_listing(tiny, tmp_path):
+    """A second start reuses the sniff results while (path, size, mtime) are unchanged."""
+    cache = tmp_path / "cache"
+    target = next((tiny / "train").glob("*/*.JPEG"))
+    check_dataset(tiny, cache_dir=cache)
+    assert len(list((cache / "checks").glob("*.json"))) == 1
+    # Break the file without changing its size or mtime: the cached verdict (good) stands.
+    stat = target.stat()
+    target.write_bytes(b"\x00" * stat.st_size)
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert check_dataset(tiny, cache_dir=cache).bad == {}
+    # A new mtime changes the listing key, so the file is sniffed again and found bad.
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.warns(UserWarning, match="not an image"):
+        listing = check_dataset(tiny, cache_dir=cache)
+    assert list(listing.bad) == [str(target.relative_to(tiny))]
+
+
+def test_manifest_files_are_skipped(tiny, tmp_path):
+    """Files named by the full-scan manifest are left out even when they sniff fine."""
+    rel = str(next((tiny / "val").glob("*/*.JPEG")).relative_to(tiny))
+    write_bad_manifest(tiny / "bad_files.tsv", {rel: "decode failed: test"}, scanned=6)
+    assert read_bad_manifest(tiny / "bad_files.tsv") == {rel: "decode failed: test"}
+    with pytest.warns(UserWarning, match="decode failed: test"):
+        listing = check_dataset(tiny, cache_dir=None)
+    assert rel not in {s.path for s in listing.val} and len(listing.val) == 1
+    with pytest.raises(DatasetError, match="manifest not found"):
+        check_dataset(tiny, bad_manifest=tmp_path / "missing.tsv", cache_dir=None)
+
+
+def test_sniff_accepts_real_rgb_gray_cmyk_jpegs(tmp_path):
+    import numpy as np
+
+    img = photo_like(np.random.default_rng(0), 20, 10)
+    for mode in ("RGB", "L", "CMYK"):
+        path = tmp_path / f"{mode}.JPEG"
+        path.write_bytes(jpeg_bytes(img.convert(mode)))
+        assert sniff_file(path) == ""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sniff_file(tmp_path / "missing.JPEG").startswith("unreadable")
