@@ -1,0 +1,409 @@
+"""Typed configuration schema for train.py / eval.py, registered in Hydra's ConfigStore.
+
+The YAML tree under ``configs/`` fills these dataclasses; Hydra composes in struct mode, so a
+misspelled key or a wrong type fails at start-up. :func:`validate_train` then checks what types
+cannot (names, ranges, consistency between groups) and raises :class:`ConfigError` with the
+override that fixes it, before any data is read or any model is built.
+
+Also registered here: the ``pg.run_dir`` / ``pg.sweep_dir`` / ``pg.output_subdir`` resolvers
+that give every run a directory of its own (time + pid + random suffix, so two runs started in
+the same second never share one) and make ``trainer.resume=RUN_DIR`` continue in place.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import secrets
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from powergrad.data.config import BACKENDS, DATASETS, DataConfig, LoaderConfig
+
+__all__ = [
+    "METHODS",
+    "PRECISIONS",
+    "ConfigError",
+    "EvalConfig",
+    "LoggerConfig",
+    "MethodConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "SchedConfig",
+    "TrainConfig",
+    "TrainerConfig",
+    "default_run_dir",
+    "register_configs",
+    "validate_eval",
+    "validate_train",
+]
+
+# The paper's "Method" column: name -> (uses PGT, clip mode). A config whose alpha / clip_mode
+# contradict its name is refused, so a run is never labelled with a method it did not use.
+METHODS: dict[str, tuple[bool, str]] = {
+    "baseline": (False, "none"),
+    "pgt": (True, "none"),
+    "gc": (False, "norm"),
+    "agc": (False, "agc"),
+    "gc_pgt": (True, "norm"),
+    "agc_pgt": (True, "agc"),
+}
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+LOGGERS = ("wandb", "none")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+SCHEDULES = ("cosine", "step")
+
+# Run directories are created under these, relative to the directory train.py is started in.
+OUTPUTS_ROOT = "outputs"
+MULTIRUN_ROOT = "multirun"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and a valid override."""
+
+
+@dataclass
+class ModelConfig:
+    """Group ``model``: one of powergrad.models.MODEL_NAMES, built by timm."""
+
+    name: str = "resnet18"
+    # Dropout before the classifier (probability); 0 in every run of the paper.
+    drop_rate: float = 0.0
+
+
+@dataclass
+class MethodConfig:
+    """Group ``method``: the paper's Method column (loss + gradient clipping)."""
+
+    name: str = "baseline"
+    # PGT exponent in [0, 1]; null means the ordinary cross-entropy gradient (alpha = 1).
+    alpha: float | None = None
+    # Label smoothing epsilon of the target distribution (0.1 in the paper's "LS" rows).
+    label_smoothing: float = 0.0
+    # Gradient clipping after unscale, before the step: none | norm (GC) | agc (AGC).
+    clip_mode: str = "none"
+    # GC: max global L2 norm; AGC: clip factor lambda (ratio). null: powergrad.clip defaults.
+    clip_threshold: float | None = None
+
+
+@dataclass
+class OptimConfig:
+    """Group ``optim``: SGD with Nesterov momentum (Section 5.1)."""
+
+    name: str = "sgd"
+    # Peak lr for 256 images per step; scaled linearly with trainer.batch_size (global).
+    lr_per_256: float = 0.1
+    momentum: float = 0.9
+    # L2 on conv/linear weights; biases and norm parameters are exempt.
+    weight_decay: float = 5e-4
+    nesterov: bool = True
+
+
+@dataclass
+class SchedConfig:
+    """Group ``sched``: per-iteration lr schedule after the linear warmup."""
+
+    name: str = "cosine"
+    # lr at the first iteration of the warmup.
+    warmup_lr: float = 4e-4
+    # cosine: floor of the decay.
+    min_lr: float = 0.0
+    # step: decay points as fractions of trainer.epochs (0.3, 0.6, 0.9 = epochs 30, 60, 90 of 100).
+    milestones: list[float] = field(default_factory=lambda: [0.3, 0.6, 0.9])
+    # step: lr factor at each milestone.
+    decay_rate: float = 0.1
+
+
+@dataclass
+class TrainerConfig:
+    """Group ``trainer``: budget, precision and run-time behaviour."""
+
+    epochs: int = 20
+    # Global batch: images per optimizer step summed over all ranks.
+    batch_size: int = 128
+    # Linear warmup length in epochs (the paper: 5 of 100).
+    warmup_epochs: float = 1.0
+    # fp32 | bf16 (autocast) | fp16 (autocast + dynamic loss scaling).
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    # auto: CUDA when available, else CPU.
+    device: str = "auto"
+    # CPU intra-op threads (torch.set_num_threads); null leaves torch's default.
+    threads: int | None = None
+    # torch.use_deterministic_algorithms + no cudnn autotuning (slower on GPU).
+    deterministic: bool = False
+    # Also checkpoint every N optimizer steps inside an epoch (0: only at epoch ends).
+    checkpoint_every_steps: int = 0
+    # Sync and log step metrics (loss, lr) every N optimizer steps; the only per-step host syncs.
+    log_every_steps: int = 50
+    # Record per-filter conv weight norms every N steps to filter_norms.jsonl (0: off).
+    filter_norms_every_steps: int = 0
+    # Evaluate on the val split every N epochs (and always after the last).
+    eval_every_epochs: int = 1
+    progress: bool = True
+    # RUN_DIR of an earlier run to continue in place from its last checkpoint.
+    resume: str | None = None
+
+
+@dataclass
+class LoggerConfig:
+    """Group ``logger``: wandb on rank 0 (metrics.jsonl and summary.json are always written)."""
+
+    name: str = "wandb"
+    project: str = "powergrad"
+    entity: str | None = None
+    # auto: online when credentials exist (WANDB_API_KEY or ~/.netrc), else offline.
+    mode: str = "auto"
+    # null: the experiment name (multirun: the sweep directory's name).
+    group: str | None = None
+    job_type: str = "train"
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    """Root of configs/train.yaml."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0
+    # Names the run in wandb (group) and in tables; experiment/ files set it.
+    experiment_name: str | None = None
+
+
+@dataclass
+class EvalConfig:
+    """Root of configs/eval.yaml."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    # This project's last.pt / best.pt, or a timm checkpoint.pth.tar / model_best.pth.tar.
+    checkpoint: str = "???"
+    batch_size: int = 256
+    precision: str = "fp32"
+    device: str = "auto"
+    channels_last: bool = False
+    # JSON written here; null: eval.json in the Hydra run directory.
+    output: str | None = None
+    seed: int = 0
+
+
+_STAMP: dict[str, str] = {}
+
+
+def _unique_stamp() -> str:
+    """``YYYY-MM-DD/HH-MM-SS_<pid>-<hex>``: fixed for the life of the process.
+
+    The pid and 16 random bits keep two runs started in the same second apart; fixing it per
+    process keeps Hydra's repeated resolution of the run dir on one directory.
+    """
+    if "stamp" not in _STAMP:
+        now = datetime.datetime.now()
+        _STAMP["stamp"] = f"{now:%Y-%m-%d}/{now:%H-%M-%S}_{os.getpid()}-{secrets.token_hex(2)}"
+    return _STAMP["stamp"]
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def default_run_dir(root: str = OUTPUTS_ROOT) -> str:
+    """A new, unique run directory path under ``root`` (not created)."""
+    return f"{root}/{_unique_stamp()}"
+
+
+def _resolve_run_dir(resume: str | None) -> str:
+    if _rank() > 0:
+        # Only rank 0 writes; other ranks get a scratch dir and learn rank 0's run dir later.
+        return os.path.join(tempfile.gettempdir(), f"powergrad-rank{_rank()}-{os.getpid()}")
+    if resume:
+        path = Path(resume).expanduser()
+        if not path.is_dir():
+            raise ConfigError(f"trainer.resume={resume}: no such run directory")
+        return str(path.resolve())
+    return default_run_dir(OUTPUTS_ROOT)
+
+
+def _resolve_output_subdir(resume: str | None) -> str | None:
+    if _rank() > 0:
+        return None
+    if resume:
+        # Keep the first start's .hydra/ and record each restart's overrides beside it.
+        return f".hydra-resume-{_unique_stamp().replace('/', '_')}"
+    return ".hydra"
+
+
+def register_configs() -> None:
+    """Store the schemas in Hydra's ConfigStore and register the run-dir resolvers (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="eval_schema", node=EvalConfig)
+    resolvers = {
+        "pg.run_dir": _resolve_run_dir,
+        "pg.sweep_dir": lambda: default_run_dir(MULTIRUN_ROOT),
+        "pg.output_subdir": _resolve_output_subdir,
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+def _choices(value: Any, valid: tuple[str, ...] | list[str], key: str) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(valid)}")
+
+
+def _check_data(cfg: DictConfig) -> None:
+    _choices(cfg.data.name, DATASETS, "data.name")
+    _choices(cfg.loader.backend, BACKENDS, "loader.backend")
+    if OmegaConf.is_missing(cfg.data, "root") or (
+        cfg.data.name == "imagenet" and not cfg.data.root
+    ):
+        raise ConfigError(
+            f"data={cfg.data.name} needs its folder: pass data.root=DIR "
+            "(DIR/train/<class>/* and DIR/val/<class>/*)"
+        )
+    if cfg.data.root and not Path(str(cfg.data.root)).expanduser().is_dir():
+        raise ConfigError(f"data.root={cfg.data.root}: no such directory")
+
+
+def _check_model(name: str) -> None:
+    from powergrad.models import MODEL_NAMES
+
+    _choices(name, MODEL_NAMES, "model.name")
+
+
+def _check_precision(precision: str, device: str) -> None:
+    _choices(precision, PRECISIONS, "precision")
+    _choices(device, DEVICES, "device")
+    if precision == "fp16" and device == "cpu":
+        raise ConfigError("precision=fp16 needs CUDA; use bf16 or fp32 on the CPU")
+
+
+def check_method(method: DictConfig | MethodConfig) -> None:
+    """Raise ConfigError unless the method's alpha, smoothing and clipping match its name."""
+    name = method.name
+    if name not in METHODS:
+        raise ConfigError(f"method.name={name!r} is not valid; choose one of: {', '.join(METHODS)}")
+    uses_pgt, clip_mode = METHODS[name]
+    alpha = method.alpha
+    if alpha is not None and not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
+        raise ConfigError(f"method.alpha={alpha} is out of range: PGT needs 0 <= alpha <= 1")
+    if uses_pgt and alpha is None:
+        raise ConfigError(f"method={name} needs method.alpha (e.g. method.alpha=0.25)")
+    if not uses_pgt and alpha is not None:
+        pgt_name = "pgt" if clip_mode == "none" else f"{name}_pgt"
+        raise ConfigError(
+            f"method={name} does not use PGT but method.alpha={alpha} is set; "
+            f"use method={pgt_name} method.alpha={alpha}"
+        )
+    if not 0.0 <= method.label_smoothing < 1.0:
+        raise ConfigError(f"method.label_smoothing={method.label_smoothing}: must be in [0, 1)")
+    if method.clip_mode != clip_mode:
+        raise ConfigError(
+            f"method={name} clips with clip_mode={clip_mode!r}, not {method.clip_mode!r}; "
+            "pick the method whose name matches the clipping"
+        )
+    threshold = method.clip_threshold
+    if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
+        raise ConfigError(f"method.clip_threshold={threshold}: must be finite and > 0")
+
+
+def _check_resume(cfg: DictConfig) -> None:
+    """The run being resumed must be a powergrad run of the same model and method."""
+    run_dir = Path(str(cfg.trainer.resume)).expanduser()
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(
+            f"trainer.resume={cfg.trainer.resume}: {saved} not found; not a powergrad run directory"
+        )
+    old = OmegaConf.load(saved)
+    old_method = OmegaConf.to_container(old.method, resolve=True)
+    new_method = OmegaConf.to_container(cfg.method, resolve=True)
+    if old.model.name != cfg.model.name or old_method != new_method:
+        raise ConfigError(
+            f"trainer.resume={cfg.trainer.resume} is a run of model={old.model.name} "
+            f"method={old_method}, but this command asks for model={cfg.model.name} "
+            f"method={new_method}; pass the run's own model= and method= overrides"
+        )
+
+
+def validate_train(cfg: DictConfig, world_size: int | None = None) -> None:
+    """Check a composed train config; raise ConfigError naming the key and a valid value.
+
+    Args:
+        cfg: the composed config (struct mode).
+        world_size: number of ranks; read from $WORLD_SIZE when None.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    _check_model(cfg.model.name)
+    check_method(cfg.method)
+    _check_data(cfg)
+    _choices(cfg.optim.name, ("sgd",), "optim.name")
+    _choices(cfg.sched.name, SCHEDULES, "sched.name")
+    _choices(cfg.logger.name, LOGGERS, "logger.name")
+    _choices(cfg.logger.mode, WANDB_MODES, "logger.mode")
+    t = cfg.trainer
+    _check_precision(t.precision, t.device)
+    if t.epochs < 1:
+        raise ConfigError(f"trainer.epochs={t.epochs}: must be >= 1")
+    if t.batch_size < 1 or t.batch_size % world != 0:
+        raise ConfigError(
+            f"trainer.batch_size={t.batch_size} (global) is not divisible by the world size "
+            f"{world}; pick a multiple of {world}"
+        )
+    if not 0 <= t.warmup_epochs < t.epochs:
+        raise ConfigError(
+            f"trainer.warmup_epochs={t.warmup_epochs}: must be in [0, trainer.epochs={t.epochs})"
+        )
+    for key in ("checkpoint_every_steps", "filter_norms_every_steps"):
+        if t[key] < 0:
+            raise ConfigError(f"trainer.{key}={t[key]}: must be >= 0")
+    for key in ("log_every_steps", "eval_every_epochs"):
+        if t[key] < 1:
+            raise ConfigError(f"trainer.{key}={t[key]}: must be >= 1")
+    if cfg.sched.name == "step":
+        epochs = milestone_epochs(cfg.sched.milestones, t.epochs)
+        if epochs and not (t.warmup_epochs < epochs[0] and epochs[-1] < t.epochs):
+            raise ConfigError(
+                f"sched.milestones={list(cfg.sched.milestones)} give epochs {epochs}, which "
+                f"must lie after the warmup ({t.warmup_epochs}) and before trainer.epochs"
+            )
+    if t.resume:
+        _check_resume(cfg)
+
+
+def milestone_epochs(fractions: list[float], epochs: int) -> list[int]:
+    """Step-schedule decay epochs: ``round(f * epochs)`` for each fraction, deduplicated."""
+    for f in fractions:
+        if not 0 < f < 1:
+            raise ConfigError(f"sched.milestones: {f} is not a fraction of training in (0, 1)")
+    return sorted({round(f * epochs) for f in fractions})
+
+
+def validate_eval(cfg: DictConfig) -> None:
+    """Check a composed eval config; raise ConfigError naming the key."""
+    _check_model(cfg.model.name)
+    _check_data(cfg)
+    _check_precision(cfg.precision, cfg.device)
+    if OmegaConf.is_missing(cfg, "checkpoint") or not cfg.checkpoint:
+        raise ConfigError("pass the weights to evaluate: checkpoint=PATH")
+    if not Path(str(cfg.checkpoint)).expanduser().is_file():
+        raise ConfigError(f"checkpoint={cfg.checkpoint}: no such file")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size={cfg.batch_size}: must be >= 1")

@@ -1,0 +1,294 @@
+"""Run records: metrics.jsonl + summary.json in the run directory, and wandb on rank 0.
+
+Files are the ground truth (always written, on rank 0); wandb mirrors them. wandb goes offline
+by itself when no credentials are configured (WANDB_API_KEY or a ~/.netrc entry for the wandb
+host), printing one line; a resumed run reuses the run id stored in its checkpoint, so an online
+run continues as the same wandb run. :func:`read_offline_run` reads an offline run's ``.wandb``
+file back (config, history, summary, tags), without a server.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+import struct
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+__all__ = [
+    "METRICS_FILE",
+    "SUMMARY_FILE",
+    "Tracker",
+    "git_sha",
+    "have_wandb_credentials",
+    "read_offline_run",
+    "write_json_atomic",
+]
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+FILTER_NORMS_FILE = "filter_norms.jsonl"
+_WANDB_HOST = "https://api.wandb.ai"
+
+
+def git_sha(cwd: str | os.PathLike | None = None) -> str:
+    """The commit of the code being run (with ``-dirty`` if modified), or ``unknown``."""
+    where = cwd or Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{sha}-dirty" if dirty else sha
+
+
+def have_wandb_credentials() -> bool:
+    """True when wandb can authenticate without prompting: $WANDB_API_KEY or a netrc entry."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlsplit(os.environ.get("WANDB_BASE_URL", _WANDB_HOST)).hostname or ""
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def _clean(value: Any) -> Any:
+    """NaN / inf -> None, so the files stay strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, *, lines: bool = False) -> None:
+    """Write JSON (or JSON lines when ``lines``: ``obj`` is a list) via temp file + rename."""
+    path = Path(path)
+    if lines:
+        text = "".join(json.dumps(_clean(r), default=_json_default) + "\n" for r in obj)
+    else:
+        text = json.dumps(_clean(obj), indent=2, default=_json_default) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class Tracker:
+    """Writes the run's records; everything is a no-op on ranks other than 0.
+
+    Args:
+        run_dir: the run directory (rank 0's).
+        config: the resolved config as a plain dict (logged to wandb as is).
+        logger: the ``cfg.logger`` node (name, project, entity, mode, group, job_type, tags).
+        tags: extra tags (model, method, alpha, sched).
+        group: wandb group when ``logger.group`` is null (experiment or sweep name).
+        run_id: wandb run id of the run being resumed, or None for a new run.
+        enabled: False on ranks other than 0.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        config: dict[str, Any],
+        logger: Any,
+        *,
+        tags: list[str] = (),
+        group: str | None = None,
+        run_id: str | None = None,
+        enabled: bool = True,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.wandb_run = None
+        self.run_id = run_id
+        if not enabled or logger.name != "wandb" or logger.mode == "disabled":
+            return
+        import wandb
+
+        mode = logger.mode
+        if mode == "auto":
+            mode = os.environ.get("WANDB_MODE") or (
+                "online" if have_wandb_credentials() else "offline"
+            )
+            if mode == "offline" and not os.environ.get("WANDB_MODE"):
+                print(
+                    "wandb: no credentials (WANDB_API_KEY or ~/.netrc), logging offline to "
+                    f"{self.run_dir / 'wandb'}; upload later with `wandb sync`"
+                )
+        self.wandb_run = wandb.init(
+            project=logger.project,
+            entity=logger.entity,
+            dir=str(self.run_dir),
+            config=config,
+            tags=sorted({*tags, *logger.tags}),
+            group=logger.group or group,
+            job_type=logger.job_type,
+            id=run_id,
+            resume="allow" if run_id else None,
+            mode=mode,
+            name=self.run_dir.name,
+        )
+        self.run_id = self.wandb_run.id
+        # Epoch records are plotted against the epoch, step records against the optimizer step.
+        self.wandb_run.define_metric("epoch")
+        self.wandb_run.define_metric("trainer/step")
+        for prefix in ("train", "val", "perf"):
+            self.wandb_run.define_metric(f"{prefix}/*", step_metric="epoch")
+        self.wandb_run.define_metric("step/*", step_metric="trainer/step")
+
+    def log_step(self, step: int, values: dict[str, float]) -> None:
+        """Per-step values (wandb only), keyed ``step/<name>``."""
+        if self.wandb_run is not None:
+            self.wandb_run.log(
+                {"trainer/step": step, **{f"step/{k}": v for k, v in values.items()}}
+            )
+
+    def write_history(self, history: list[dict[str, Any]]) -> None:
+        """Rewrite metrics.jsonl from the epoch records (after a resume it must match them)."""
+        if self.enabled:
+            write_json_atomic(self.run_dir / METRICS_FILE, history, lines=True)
+
+    def log_epoch(self, history: list[dict[str, Any]]) -> None:
+        """Append the last epoch record: metrics.jsonl on disk, and wandb."""
+        if not self.enabled:
+            return
+        self.write_history(history)
+        if self.wandb_run is not None:
+            self.wandb_run.log(wandb_epoch_keys(history[-1]))
+
+    def log_filter_norms(self, record: dict[str, Any]) -> None:
+        """Append one per-filter norm snapshot to filter_norms.jsonl (rank 0)."""
+        if self.enabled:
+            with open(self.run_dir / FILTER_NORMS_FILE, "a") as f:
+                f.write(json.dumps(_clean(record)) + "\n")
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        """Write summary.json and copy it into the wandb run summary."""
+        if not self.enabled:
+            return
+        write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
+        if self.wandb_run is not None:
+            for key, value in _clean(summary).items():
+                self.wandb_run.summary[key] = value
+
+    def finish(self, exit_code: int = 0) -> None:
+        """Close the wandb run (exit_code 1 marks it failed)."""
+        if self.wandb_run is not None:
+            self.wandb_run.finish(exit_code=exit_code)
+            self.wandb_run = None
+
+
+def wandb_epoch_keys(record: dict[str, Any]) -> dict[str, Any]:
+    """An epoch record with wandb panel names: ``train_loss`` -> ``train/loss``, ``lr`` ->
+    ``train/lr``, ``val_top1`` -> ``val/top1``, anything else -> ``perf/<key>``."""
+    out: dict[str, Any] = {"epoch": record["epoch"]}
+    for key, value in record.items():
+        if key == "epoch" or not isinstance(value, int | float):
+            continue
+        head, _, rest = key.partition("_")
+        if head in ("train", "val") and rest:
+            out[f"{head}/{rest}"] = value
+        elif key == "lr":
+            out["train/lr"] = value
+        else:
+            out[f"perf/{key}"] = value
+    return out
+
+
+def _wandb_records(path: Path) -> Iterator[Any]:
+    """Protobuf records of a ``.wandb`` file: a 7-byte W&B header, then LevelDB-log blocks."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    ident, _magic, _version = struct.unpack("<4sHB", data[:7])
+    if ident != b":W&B":
+        raise ValueError(f"{path}: not a wandb datastore file")
+    block, header = 32768, 7  # LevelDB log: 32 KiB blocks, 7-byte record headers
+    pos, pending = 7, b""
+    while pos + header <= len(data):
+        left = block - pos % block
+        if left < header:  # block trailer padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + header])
+        if length == 0 and kind == 0:
+            pos += left
+            continue
+        pending += data[pos + header : pos + header + length]
+        pos += header + length
+        if kind in (1, 4):  # FULL or LAST fragment
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def read_offline_run(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read back what an offline wandb run under ``run_dir`` logged (the latest one).
+
+    Returns:
+        ``{"id", "config", "tags", "group", "job_type", "history": [dict, ...], "summary",
+        "exit_code", "files"}``; ``files`` lists every offline run directory found (oldest
+        first), e.g. two after a resume.
+    """
+    roots = sorted(Path(run_dir).glob("wandb/offline-run-*"))
+    if not roots:
+        raise FileNotFoundError(f"no offline wandb run under {run_dir}/wandb")
+    out: dict[str, Any] = {
+        "config": {},
+        "history": [],
+        "summary": {},
+        "exit_code": None,
+        "files": [str(r) for r in roots],
+    }
+    (store,) = roots[-1].glob("run-*.wandb")
+    for record in _wandb_records(store):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = record.run
+            out.update(
+                id=run.run_id, tags=list(run.tags), group=run.run_group, job_type=run.job_type
+            )
+            for item in run.config.update:
+                out["config"][item.key] = json.loads(item.value_json)
+        elif kind == "config":
+            for item in record.config.update:
+                out["config"][item.key] = json.loads(item.value_json)
+        elif kind == "history":
+            row = {}
+            for item in record.history.item:
+                key = item.key or "/".join(item.nested_key)
+                row[key] = json.loads(item.value_json)
+            out["history"].append(row)
+        elif kind == "summary":
+            for item in record.summary.update:
+                key = item.key or "/".join(item.nested_key)
+                out["summary"][key] = json.loads(item.value_json)
+        elif kind == "exit":
+            out["exit_code"] = record.exit.exit_code
+    out["config"].pop("_wandb", None)
+    return out
