@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 # Running as `python scripts/check_dataset.py` from the repo root: make `powergrad` importable.
@@ -24,49 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from powergrad.data.layout import (
     BAD_MANIFEST_NAME,
-    SPLITS,
     DatasetError,
     format_bad,
-    list_split,
-    sniff_file,
     write_bad_manifest,
 )
-
-
-def decode_problem(path: str) -> str:
-    """'' if the file decodes to a 3-channel image of positive size, else the reason."""
-    import torch
-
-    from powergrad.data.torch_backend import load_rgb
-
-    # One thread per process: the pool provides the parallelism.
-    torch.set_num_threads(1)
-    why = sniff_file(path)
-    if why:
-        return why
-    try:
-        image = load_rgb(path)
-    except Exception as e:  # any decoder failure marks the file bad, whatever its type
-        return (
-            f"decode failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-        )
-    if image.ndim != 3 or image.shape[0] != 3 or min(image.shape[1:]) < 1:
-        return f"decoded to shape {tuple(image.shape)}, not 3 x H x W"
-    return ""
-
-
-def scan(root: Path, workers: int) -> tuple[dict[str, str], int]:
-    """Decode every file under ROOT/{train,val}/<class>/; returns (bad rel path -> reason, n)."""
-    rels = [
-        f"{split}/{cls}/{entry.name}"
-        for split in SPLITS
-        for cls, entries in list_split(root, split).items()
-        for entry in entries
-    ]
-    paths = [str(root / rel) for rel in rels]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        reasons = list(pool.map(decode_problem, paths, chunksize=64))
-    return {rel: why for rel, why in zip(rels, reasons, strict=True) if why}, len(rels)
+from powergrad.data.scan import full_scan
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        bad, scanned = scan(args.root, args.workers)
+        bad, scanned = full_scan(args.root, args.workers)
     except DatasetError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 2

@@ -135,3 +135,26 @@ def test_sniff_accepts_real_rgb_gray_cmyk_jpegs(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert sniff_file(tmp_path / "missing.JPEG").startswith("unreadable")
+
+
+def test_jpeg_header_walk(tmp_path):
+    """Corrupt or zero-width headers are caught cheaply; progressive and big-ICC JPEGs pass."""
+    import io
+
+    import numpy as np
+
+    img = photo_like(np.random.default_rng(0), 64, 48)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", progressive=True, icc_profile=b"\x00" * 70_000)
+    (tmp_path / "ok.jpg").write_bytes(buf.getvalue())
+    assert sniff_file(tmp_path / "ok.jpg") == ""
+    data = bytearray(jpeg_bytes(img))
+    sof = data.find(b"\xff\xc0")
+    zero_width = bytearray(data)
+    zero_width[sof + 7 : sof + 9] = b"\x00\x00"
+    (tmp_path / "w0.jpg").write_bytes(bytes(zero_width))
+    assert "zero image width" in sniff_file(tmp_path / "w0.jpg")
+    smashed = bytearray(data)
+    smashed[20:40] = b"\x00" * 20  # inside the first segment's successor: no marker where due
+    (tmp_path / "hdr.jpg").write_bytes(bytes(smashed))
+    assert "corrupt JPEG header" in sniff_file(tmp_path / "hdr.jpg")

@@ -84,3 +84,20 @@ def write_odd_files(folder: str | Path, *, size: tuple[int, int] = (64, 48), see
         "good": ["odd_cmyk.JPEG", "odd_gray.JPEG", "odd_png.JPEG"],
         "bad": ["odd_truncated.JPEG", "odd_empty.JPEG"],
     }
+
+
+def corrupt_huffman_jpeg(
+    path: str | Path, *, size: tuple[int, int] = (64, 48), seed: int = 2
+) -> Path:
+    """Write a JPEG whose first Huffman table is bogus (all 16 code-length counts 255).
+
+    Its structure, size and end marker are intact, so the cheap check passes it; torchvision,
+    PIL and DALI all fail to decode it. Only the full decode scan (scripts/check_dataset.py)
+    finds it: the case its manifest exists for.
+    """
+    data = bytearray(jpeg_bytes(photo_like(np.random.default_rng(seed), *size)))
+    dht = data.find(b"\xff\xc4")
+    # Payload after marker (2), length (2) and table class/id (1): 16 code counts.
+    data[dht + 5 : dht + 21] = b"\xff" * 16
+    Path(path).write_bytes(bytes(data))
+    return Path(path)

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 SPLITS = ("train", "val")
 BAD_MANIFEST_NAME = "bad_files.tsv"
@@ -91,17 +92,68 @@ def sniff_bytes(head: bytes, tail: bytes, size: int) -> str:
     return "not an image (unknown format)"
 
 
+# JPEG start-of-frame markers (baseline, extended, progressive, lossless, arithmetic variants);
+# 0xC4 (DHT), 0xC8 (reserved) and 0xCC (DAC) share the range but are not frames.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# Segments walked before giving up on finding the scan (real files have a few dozen at most).
+_JPEG_MAX_SEGMENTS = 4096
+
+
+def jpeg_header_problem(f: BinaryIO) -> str:
+    """Walk a JPEG's marker segments from SOI to the first scan (SOS); '' if the structure holds.
+
+    Reads a few bytes per segment (seeks over the payloads), so it is cheap; catches corrupt or
+    cut-off headers, files without a frame header and frames of zero width (height 0 is legal
+    in a frame header: it may follow in a DNL marker, which decoders then reject), all of which
+    make decoders fail outright.
+    """
+    pos, frame = 2, False
+    for _ in range(_JPEG_MAX_SEGMENTS):
+        f.seek(pos)
+        # marker (2 bytes), length (2), and for a frame: precision (1), height (2), width (2)
+        head = f.read(9)
+        if len(head) < 2:
+            return "truncated JPEG header"
+        if head[0] != 0xFF:
+            return f"corrupt JPEG header (no marker at byte {pos})"
+        marker = head[1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0xDA:
+            return "" if frame else "corrupt JPEG header (scan before frame header)"
+        if marker == 0xD9:
+            return "JPEG without image data (EOI before scan)"
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # standalone markers, no length
+            pos += 2
+            continue
+        if len(head) < 4 or int.from_bytes(head[2:4], "big") < 2:
+            return f"corrupt JPEG header (bad segment length at byte {pos})"
+        if marker in _JPEG_SOF:
+            if len(head) < 9 or head[7:9] == b"\0\0":
+                return "corrupt JPEG header (zero image width)"
+            frame = True
+        pos += 2 + int.from_bytes(head[2:4], "big")
+    return "corrupt JPEG header (too many segments)"
+
+
 def sniff_file(path: str | os.PathLike) -> str:
-    """Cheap decodability check of one file on disk; '' if it looks fine, else the reason."""
+    """Cheap decodability check of one file on disk; '' if it looks fine, else the reason.
+
+    sniff_bytes on the first and last bytes, plus the JPEG marker walk for JPEGs.
+    """
     try:
         with open(path, "rb") as f:
             head = f.read(16)
             size = f.seek(0, os.SEEK_END)
             f.seek(max(0, size - _TAIL_BYTES))
             tail = f.read()
+            problem = sniff_bytes(head, tail, size)
+            if not problem and head.startswith(b"\xff\xd8"):
+                problem = jpeg_header_problem(f)
     except OSError as e:
         return f"unreadable: {e.strerror or e}"
-    return sniff_bytes(head, tail, size)
+    return problem
 
 
 def list_split(root: Path, split: str) -> dict[str, list[os.DirEntry]]:

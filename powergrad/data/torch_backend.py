@@ -62,7 +62,14 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         epoch, index = key
-        image = load_rgb(self.files[index])
+        try:
+            image = load_rgb(self.files[index])
+        except Exception as e:  # name the file whatever the decoder raised
+            raise RuntimeError(
+                f"cannot decode {self.files[index]} ({type(e).__name__}: {e}); the start-up check "
+                "only reads headers: run scripts/check_dataset.py ROOT once to find and skip "
+                "such files"
+            ) from e
         # fork_rng keeps the caller's global RNG untouched when loading in the main process.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.seed, epoch, index, STREAM_AUGMENT))
