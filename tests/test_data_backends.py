@@ -105,6 +105,9 @@ def test_dali_checkpoint_resume_through_torch_save(digits_cfg):
             buf = io.BytesIO()
             torch.save({"data": loaders.train.state_dict()}, buf)
             saved = buf.getvalue()
+    # Taking the checkpoint did not disturb the running epoch.
+    fresh = [x for x, _ in build(digits_cfg, "dali", batch_size=96).train.epoch(3)]
+    assert all(torch.equal(p, q) for p, q in zip(seen, fresh, strict=True))
     state = torch.load(io.BytesIO(saved), weights_only=True)["data"]
     assert state["epoch"] == 3 and state["next_batch"] == 5
     assert isinstance(state["dali_checkpoint"], str)
@@ -252,3 +255,36 @@ def test_config_rejects_bad_values():
         DataConfig(name="synthetic")
     with pytest.raises(ValueError, match=r"loader\.backend"):
         LoaderConfig(backend="ffcv")
+
+
+@pytest.mark.gpu
+def test_dali_mixed_contract_resume_and_val(digits_cfg, photo_folder):
+    """Mixed (nvJPEG) decode + GPU operators: batches on the GPU, exact resume, val close to
+    the CPU reference (nvJPEG's IDCT / chroma upsampling differ from libjpeg-turbo slightly)."""
+    cuda = torch.device("cuda")
+    kwargs = {"batch_size": 96, "rank": 0, "world_size": 1, "device": cuda, "seed": 0}
+    gpu_loader = LoaderConfig(backend="dali", workers=2)
+    loaders = build_loaders(digits_cfg, gpu_loader, **kwargs)
+    full, saved = [], None
+    for k, (x, y) in enumerate(loaders.train.epoch(1)):
+        assert x.device.type == "cuda" and y.device.type == "cuda" and y.dtype == torch.int64
+        assert x.shape == (96, 3, 32, 32) and x.dtype == torch.float32
+        full.append(x)
+        if k == 3:
+            saved = loaders.train.state_dict()
+    tail = [x for x, _ in loaders.train.epoch(1, start_batch=4)]
+    assert all(torch.equal(p, q) for p, q in zip(full[4:], tail, strict=True))
+    resumed = build_loaders(digits_cfg, gpu_loader, **kwargs)
+    resumed.train.load_state_dict(saved)
+    again = [x for x, _ in resumed.train.epoch(1, start_batch=4)]
+    assert all(torch.equal(p, q) for p, q in zip(full[4:], again, strict=True))
+
+    root, _ = photo_folder
+    data = DataConfig(name="imagenet", root=str(root), image_size=56)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gpu_val = collect(build_loaders(data, gpu_loader, **{**kwargs, "batch_size": 4}).val)
+        cpu_val = collect(build(data, "torch", batch_size=4).val)
+    assert torch.equal(torch.cat(gpu_val[1]).cpu(), torch.cat(cpu_val[1]))
+    diff = (torch.cat(gpu_val[0]).cpu() - torch.cat(cpu_val[0])).abs()
+    assert float(diff.mean()) < 0.03
