@@ -155,14 +155,20 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-def _check_finite(ctx: TrainContext, state: TrainState, meter: EpochMeter) -> None:
+def _check_finite(
+    ctx: TrainContext, state: TrainState, meter: EpochMeter, *, check_weights: bool = False
+) -> None:
     """Stop (fp32/bf16) when a non-finite loss was seen; fp16's scaler skipped those steps."""
     if ctx.trainer.precision == "fp16":
         return
     bad = int(pgdist.all_reduce_sum(meter.sums[3:4].clone()).item())
+    if not bad and check_weights:
+        # A finite loss can still be followed by an update that made the weights inf/NaN.
+        total = torch.stack([p.detach().float().sum() for p in ctx.model.parameters()]).sum()
+        bad = int(not torch.isfinite(total))
     if bad:
         raise NonFiniteLossError(
-            f"non-finite loss in epoch {state.epoch + 1} by step {state.step} with "
+            f"non-finite loss or weights in epoch {state.epoch + 1} by step {state.step} with "
             f"precision={ctx.trainer.precision}; stopping. Last good checkpoint: "
             f"{ctx.run_dir / LAST} (weights before the divergence). Lower optim.lr_per_256, "
             "enable clipping (method=gc / agc) or use trainer.precision=fp16 to skip such steps."
@@ -173,7 +179,7 @@ def save_checkpoint(
     ctx: TrainContext, state: TrainState, meter: EpochMeter, *, best: bool = False
 ) -> None:
     """Write last.pt (and best.pt) atomically on rank 0; every rank must call it."""
-    _check_finite(ctx, state, meter)
+    _check_finite(ctx, state, meter, check_weights=True)
     meters = meter.reduced_state()
     data_states = pgdist.gather_objects(ctx.train_loader.state_dict())
     if not ctx.dist.is_main:

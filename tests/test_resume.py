@@ -1,0 +1,103 @@
+"""Exact resume: a CPU run killed with SIGKILL mid-epoch and resumed ends like an unbroken run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from powergrad.tracking import read_offline_run
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS_PER_EPOCH = 1437 // 64  # digits train images // global batch
+# Timing fields differ between any two runs; everything else must match exactly.
+TIMING_KEYS = {"images_per_s", "epoch_s"}
+
+ARGS = [
+    "trainer.epochs=2",
+    "trainer.batch_size=64",
+    "trainer.warmup_epochs=0.5",
+    "trainer.checkpoint_every_steps=3",
+    "trainer.log_every_steps=5",
+    "trainer.threads=1",
+    "trainer.progress=false",
+    "loader.workers=0",
+    "method=pgt",
+    "logger=wandb",
+    "logger.mode=offline",
+]
+
+
+def _train(*extra, cwd):
+    cmd = [sys.executable, str(ROOT / "train.py"), *ARGS, *extra]
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _wait(proc, timeout=300):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out.decode()[-3000:]
+
+
+def _history(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if k not in TIMING_KEYS} for x in lines]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    reference = _train(f"hydra.run.dir={full}", cwd=tmp_path)
+    victim = _train(f"hydra.run.dir={broken}", cwd=tmp_path)
+
+    # Kill the victim once a checkpoint from the middle of epoch 2 exists.
+    last = broken / "last.pt"
+    deadline, seen = time.time() + 240, None
+    while time.time() < deadline and victim.poll() is None:
+        mtime = last.stat().st_mtime_ns if last.exists() else None
+        if mtime is not None and mtime != seen:
+            seen = mtime
+            if torch.load(last, weights_only=True)["step"] > STEPS_PER_EPOCH:
+                os.kill(victim.pid, signal.SIGKILL)
+                break
+        time.sleep(0.02)
+    victim.wait(timeout=60)
+    assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = torch.load(last, weights_only=True)
+    assert STEPS_PER_EPOCH < killed_at["step"] < 2 * STEPS_PER_EPOCH
+    assert 0 < killed_at["batch"] < STEPS_PER_EPOCH and killed_at["epoch"] == 1
+    assert not (broken / "summary.json").exists()
+
+    _wait(_train(f"trainer.resume={broken}", cwd=tmp_path))
+    _wait(reference)
+
+    a = torch.load(full / "last.pt", weights_only=True)
+    b = torch.load(broken / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 2 * STEPS_PER_EPOCH
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    for sa, sb in zip(
+        a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True
+    ):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert _history(full) == _history(broken)
+    assert len(_history(full)) == 2
+
+    sa = json.loads((full / "summary.json").read_text())
+    sb = json.loads((broken / "summary.json").read_text())
+    for key in ("train_top1", "val_top1", "val_top5", "train_loss", "val_loss", "logit_norm"):
+        assert sa[key] == sb[key], key
+
+    # The resumed run kept its wandb run id and continued the same (offline) run.
+    assert b["wandb_id"] == killed_at["wandb_id"] == sb["wandb_id"]
+    runs = read_offline_run(broken)
+    assert len(runs["files"]) == 2 and runs["id"] == b["wandb_id"]
+    assert runs["exit_code"] == 0
+    assert runs["summary"]["val_top1"] == sb["val_top1"]
+    # The first start's config is kept; the restart's overrides are recorded beside it.
+    assert (broken / ".hydra" / "overrides.yaml").exists()
+    assert any(p.name.startswith(".hydra-resume-") for p in broken.iterdir())
