@@ -1,0 +1,198 @@
+"""The config tree composes with real Hydra, and bad configs fail early with clear errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+
+from powergrad.config import (
+    METHODS,
+    ConfigError,
+    default_run_dir,
+    milestone_epochs,
+    register_configs,
+    validate_eval,
+    validate_train,
+)
+from powergrad.models import MODEL_NAMES
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+register_configs()
+
+
+def _compose(*overrides, name="train"):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+def test_default_is_the_cpu_main_job_on_digits():
+    cfg = _compose()
+    validate_train(cfg, world_size=1)
+    assert (cfg.model.name, cfg.method.name, cfg.sched.name) == ("resnet18", "baseline", "cosine")
+    assert cfg.method.alpha is None
+    assert cfg.data.name == "digits" and cfg.data.image_size == 32
+    assert cfg.trainer.device == "auto" and cfg.trainer.precision == "fp32"
+    assert cfg.logger.name == "wandb" and cfg.logger.mode == "auto"
+    assert OmegaConf.is_struct(cfg)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_composes_and_matches_its_name(method):
+    cfg = _compose(f"method={method}")
+    validate_train(cfg, world_size=1)
+    uses_pgt, clip_mode = METHODS[method]
+    assert cfg.method.name == method
+    assert (cfg.method.alpha is not None) == uses_pgt
+    assert cfg.method.clip_mode == clip_mode
+
+
+def test_pgt_default_alpha_is_the_papers_resnet18_value():
+    assert _compose("method=pgt").method.alpha == 0.25
+
+
+@pytest.mark.parametrize("model", MODEL_NAMES)
+def test_every_model_config_composes(model):
+    cfg = _compose(f"model={model}")
+    validate_train(cfg, world_size=1)
+    assert cfg.model.name == model
+
+
+def test_paper_trainer_and_step_schedule():
+    cfg = _compose("trainer=paper", "sched=step", "trainer.device=cuda")
+    validate_train(cfg, world_size=4)
+    t = cfg.trainer
+    assert (t.batch_size, t.epochs, t.warmup_epochs, t.precision) == (1024, 100, 5, "fp16")
+    assert milestone_epochs(list(cfg.sched.milestones), t.epochs) == [30, 60, 90]
+    assert cfg.optim.lr_per_256 == 0.1 and cfg.optim.nesterov is True
+
+
+def test_public_overrides_reach_the_config(tmp_path):
+    cfg = _compose(
+        "method=pgt",
+        "method.alpha=0.05",
+        "method.label_smoothing=0.1",
+        "sched=step",
+        "loader=dali",
+        "trainer.epochs=10",
+        "trainer.batch_size=256",
+        "trainer.precision=bf16",
+        "seed=3",
+        "logger=none",
+        "data=imagenet",
+        f"data.root={tmp_path}",
+    )
+    validate_train(cfg, world_size=2)
+    assert cfg.method.alpha == 0.05 and cfg.method.label_smoothing == 0.1
+    assert cfg.loader.backend == "dali" and cfg.data.name == "imagenet"
+    assert (cfg.trainer.epochs, cfg.trainer.batch_size, cfg.seed) == (10, 256, 3)
+    assert cfg.logger.name == "none"
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("model=resnet1800", "model/resnet1800"),
+        ("method=pgtt", "method/pgtt"),
+        ("data=cifar", "data/cifar"),
+    ],
+)
+def test_unknown_group_option_is_named(override, needle):
+    with pytest.raises(MissingConfigException, match=needle):
+        _compose(override)
+
+
+def test_misspelled_key_fails_at_composition():
+    with pytest.raises(ConfigCompositionException, match="epoch"):
+        _compose("trainer.epoch=3")
+    with pytest.raises(ConfigCompositionException, match="alpah"):
+        _compose("method.alpah=0.3")
+
+
+def test_wrong_type_fails_at_composition():
+    with pytest.raises(ConfigCompositionException, match="alpha"):
+        _compose("method=pgt", "method.alpha=abc")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["model.name=vit"], "model.name='vit'"),
+        (["method=pgt", "method.alpha=1.5"], "out of range"),
+        (["method=pgt", "method.alpha=-0.1"], "out of range"),
+        (["method=pgt", "method.alpha=null"], "needs method.alpha"),
+        (["method.alpha=0.3"], "use method=pgt"),
+        (["method=agc", "method.alpha=0.3"], "use method=agc_pgt"),
+        (["method=gc", "method.clip_mode=agc"], "clip_mode"),
+        (["method.label_smoothing=1.0"], "label_smoothing"),
+        (["trainer.precision=fp16", "trainer.device=cpu"], "fp16 needs CUDA"),
+        (["trainer.precision=fp64"], "precision='fp64'"),
+        (["data=imagenet"], "data.root=DIR"),
+        (["data=imagenet", "data.root=/no/such/dir"], "no such directory"),
+        (["trainer.warmup_epochs=20"], "warmup_epochs"),
+        (["sched=step", "sched.milestones=[1.5]"], "fraction"),
+        (["logger.mode=sometimes"], "logger.mode"),
+    ],
+)
+def test_bad_values_raise_config_error(overrides, needle):
+    cfg = _compose(*overrides)
+    with pytest.raises(ConfigError, match=needle):
+        validate_train(cfg, world_size=1)
+
+
+def test_global_batch_must_divide_by_world_size():
+    cfg = _compose("trainer.batch_size=100")
+    validate_train(cfg, world_size=4)
+    with pytest.raises(ConfigError, match="not divisible by the world size 3"):
+        validate_train(cfg, world_size=3)
+
+
+def _fake_run(tmp_path, *overrides):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    OmegaConf.save(_compose(*overrides), run_dir / "config.yaml", resolve=False)
+    return run_dir
+
+
+def test_resume_of_another_method_or_model_is_refused(tmp_path):
+    run_dir = _fake_run(tmp_path, "method=pgt")
+    validate_train(_compose("method=pgt", f"trainer.resume={run_dir}"), world_size=1)
+    with pytest.raises(ConfigError, match="is a run of model=resnet18"):
+        validate_train(_compose(f"trainer.resume={run_dir}"), world_size=1)
+    with pytest.raises(ConfigError, match="method="):
+        validate_train(_compose("method=pgt", "method.alpha=0.3", f"trainer.resume={run_dir}"), 1)
+    with pytest.raises(ConfigError, match="model=resnet50"):
+        validate_train(_compose("method=pgt", "model=resnet50", f"trainer.resume={run_dir}"), 1)
+
+
+def test_resume_of_a_non_run_directory_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="not a powergrad run directory"):
+        validate_train(_compose(f"trainer.resume={tmp_path}"), world_size=1)
+
+
+def test_eval_config_requires_an_existing_checkpoint(tmp_path):
+    with pytest.raises(ConfigError, match="checkpoint=PATH"):
+        validate_eval(_compose(name="eval"))
+    with pytest.raises(ConfigError, match="no such file"):
+        validate_eval(_compose(f"checkpoint={tmp_path}/x.pt", name="eval"))
+    weights = tmp_path / "w.pth.tar"
+    weights.write_bytes(b"")
+    validate_eval(_compose(f"checkpoint={weights}", "model=resnet50", name="eval"))
+
+
+def test_run_dirs_differ_between_processes_started_together():
+    code = "from powergrad.config import default_run_dir; print(default_run_dir())"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    dirs = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert all(d.startswith("outputs/") for d in dirs)
+    assert len(set(dirs)) == 3
+    # Within one process the directory is fixed, however often Hydra resolves it.
+    assert default_run_dir() == default_run_dir()
