@@ -158,6 +158,7 @@ def test_odd_files_through_every_backend(photo_folder, backend):
         for name in odd["bad"]:
             assert name in message and f"/{split}/" in message
     assert loaders.train_images == 6 + 3 and loaders.val_images == 4 + 3
+    assert sorted(p.rsplit("/", 1)[1] for p in loaders.bad_files) == sorted(odd["bad"] * 2)
     for epoch in range(2):
         for x, y in loaders.train.epoch(epoch):
             assert x.shape == (3, 3, 64, 64) and torch.isfinite(x).all() and y.shape == (3,)

@@ -20,7 +20,7 @@ EvalLoader
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,6 +35,7 @@ __all__ = [
     "LoaderConfig",
     "Loaders",
     "build_loaders",
+    "check_dataset",
     "dataset_root",
     "val_resize_size",
 ]
@@ -50,6 +51,8 @@ class Loaders:
     classes: list[str]
     train_images: int
     val_images: int
+    # Files left out as undecodable (relative path -> reason), for logging the count.
+    bad_files: dict[str, str] = field(default_factory=dict)
 
 
 def dataset_root(data: DataConfig) -> str:
@@ -125,4 +128,12 @@ def build_loaders(
 
         train = DaliTrainLoader(files["train"], labels["train"], data, loader, seed=seed, **shard)
         val = DaliEvalLoader(files["val"], labels["val"], data, loader, **shard)
-    return Loaders(train, val, num_classes, listing.classes, len(listing.train), len(listing.val))
+    return Loaders(
+        train,
+        val,
+        num_classes,
+        listing.classes,
+        len(listing.train),
+        len(listing.val),
+        bad_files=dict(listing.bad),
+    )
