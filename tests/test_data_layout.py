@@ -158,3 +158,13 @@ def test_jpeg_header_walk(tmp_path):
     smashed[20:40] = b"\x00" * 20  # inside the first segment's successor: no marker where due
     (tmp_path / "hdr.jpg").write_bytes(bytes(smashed))
     assert "corrupt JPEG header" in sniff_file(tmp_path / "hdr.jpg")
+
+
+def test_flat_val_folder_points_to_prepare_script(tiny):
+    for folder in (tiny / "val").iterdir():
+        for f in folder.iterdir():
+            f.rename(tiny / "val" / f.name)
+        folder.rmdir()
+    with pytest.raises(DatasetError, match=r"prepare_imagenet\.py") as err:
+        check_dataset(tiny)
+    assert str(tiny / "val") in str(err.value)

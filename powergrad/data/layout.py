@@ -168,7 +168,12 @@ def list_split(root: Path, split: str) -> dict[str, list[os.DirEntry]]:
         files = [e for e in os.scandir(entry.path) if not e.name.startswith(".") and e.is_file()]
         classes[entry.name] = sorted(files, key=lambda e: e.name)
     if not classes:
-        raise DatasetError(f"no class folders in {split_dir} (expected {split_dir}/<class>/*)")
+        hint = ""
+        if any(e.is_file() for e in os.scandir(split_dir)):
+            hint = "; it holds loose files: for ImageNet's flat val folder run scripts/prepare_imagenet.py"
+        raise DatasetError(
+            f"no class folders in {split_dir} (expected {split_dir}/<class>/*){hint}"
+        )
     return classes
 
 
