@@ -1,0 +1,172 @@
+"""Benchmark: forward+backward time of the PGT loss vs F.cross_entropy vs the paper's hook.
+
+Variants, all fed the same (N, C) logits and class targets and scaled by the same loss scale
+S = N**2 (the one scale at which the paper's hook is correct, so all three do equal work):
+  ce         F.cross_entropy (the baseline every ratio refers to)
+  pgt        powergrad.pgt.pgt_cross_entropy at --alpha
+  pgt_a1     pgt_cross_entropy at alpha = 1 (the ordinary gradient through the PGT path)
+  paper_hook F.cross_entropy plus the paper's reference tensor hook on the logits
+
+The variants run interleaved (round robin, rotating the start) after a warm-up, so machine noise
+hits them alike. Reported per variant: the median ms per call and the median over rounds of the
+per-round time ratio to ce (paired, hence robust to slow drifts in machine load).
+
+Usage: python scripts/bench_pgt.py [--n 1024] [--c 1000] [--repeats 300] [--device cpu|cuda|all]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# Running as `python scripts/bench_pgt.py` from the repo root: make `powergrad` importable.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from powergrad.pgt import pgt_cross_entropy
+
+
+def paper_reference_hook(grad: torch.Tensor, q: torch.Tensor, alpha: float) -> torch.Tensor:
+    """THE PAPER'S REFERENCE SNIPPET (reproduced for comparison; not part of the library).
+
+    A tensor hook on the logits that recovers ``p = grad / N + q`` from the incoming gradient,
+    applies ``p' = p**alpha / sum(p**alpha)`` and returns ``(p' - q) * N``. The incoming gradient
+    of a mean-reduced, S-scaled loss is ``S (p - q) / N``, so the recovery is exact only when
+    S == N**2; otherwise the result is wrong, or NaN when a recovered entry is negative.
+    """
+    n = grad.shape[0]
+    p = grad / n + q
+    p_alpha = p.pow(alpha)
+    p_new = p_alpha / p_alpha.sum(dim=1, keepdim=True)
+    return (p_new - q) * n
+
+
+def _variants(
+    logits: torch.Tensor, target: torch.Tensor, alpha: float
+) -> dict[str, Callable[[], None]]:
+    n, c = logits.shape
+    scale = float(n * n)
+
+    def ce() -> None:
+        x = logits.detach().requires_grad_()
+        (F.cross_entropy(x, target) * scale).backward()
+
+    def pgt() -> None:
+        x = logits.detach().requires_grad_()
+        (pgt_cross_entropy(x, target, alpha) * scale).backward()
+
+    def pgt_a1() -> None:
+        x = logits.detach().requires_grad_()
+        (pgt_cross_entropy(x, target, 1.0) * scale).backward()
+
+    def paper_hook() -> None:
+        x = logits.detach().requires_grad_()
+        # The snippet needs the dense one-hot q; building it is part of its cost.
+        q = F.one_hot(target, c).to(x.dtype)
+        x.register_hook(lambda g: paper_reference_hook(g, q, alpha))
+        (F.cross_entropy(x, target) * scale).backward()
+
+    return {"ce": ce, "pgt": pgt, "pgt_a1": pgt_a1, "paper_hook": paper_hook}
+
+
+def bench(n: int, c: int, repeats: int, warmup: int, alpha: float, device: str) -> dict:
+    """Time every variant on ``device``; returns medians (ms) and paired ratios to ``ce``."""
+    gen = torch.Generator().manual_seed(0)
+    # Logit scale 3 gives peaked but not one-hot softmaxes, like a partly trained classifier.
+    logits = (3.0 * torch.randn(n, c, generator=gen)).to(device)
+    target = torch.randint(0, c, (n,), generator=gen).to(device)
+    fns = _variants(logits, target, alpha)
+    names = list(fns)
+    cuda = device.startswith("cuda")
+    times: dict[str, list[float]] = {k: [] for k in names}
+    faults = dict.fromkeys(names, 0)
+    for rnd in range(warmup + repeats):
+        # Rotate the order each round so no variant always runs first (cache, frequency).
+        order = names[rnd % len(names) :] + names[: rnd % len(names)]
+        for name in order:
+            if cuda:
+                start, end = (
+                    torch.cuda.Event(enable_timing=True),
+                    torch.cuda.Event(enable_timing=True),
+                )
+                torch.cuda.synchronize()
+                start.record()
+                fns[name]()
+                end.record()
+                torch.cuda.synchronize()
+                ms = start.elapsed_time(end)
+            else:
+                f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                t0 = time.perf_counter()
+                fns[name]()
+                ms = (time.perf_counter() - t0) * 1e3
+                if rnd >= warmup:
+                    faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+            if rnd >= warmup:
+                times[name].append(ms)
+    median_ms = {k: statistics.median(v) for k, v in times.items()}
+    paired = {
+        k: statistics.median(a / b for a, b in zip(times[k], times["ce"], strict=True))
+        for k in names
+    }
+    return {
+        "device": device,
+        "n": n,
+        "c": c,
+        "alpha": alpha,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "median_ms": median_ms,
+        "ratio_vs_ce_of_medians": {k: median_ms[k] / median_ms["ce"] for k in names},
+        "ratio_vs_ce_paired": paired,
+        "minor_page_faults_per_call": {k: v / repeats for k, v in faults.items()},
+    }
+
+
+def _print_table(res: dict) -> None:
+    print(
+        f"\n{res['device']}  N={res['n']} C={res['c']} alpha={res['alpha']} "
+        f"repeats={res['repeats']} threads={res['threads']}"
+    )
+    print(f"{'variant':<12}{'median ms':>11}{'ratio (medians)':>17}{'ratio (paired)':>16}")
+    for k, ms in res["median_ms"].items():
+        print(
+            f"{k:<12}{ms:>11.4f}{res['ratio_vs_ce_of_medians'][k]:>17.3f}"
+            f"{res['ratio_vs_ce_paired'][k]:>16.3f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments, run the benchmark on each requested device, print a table + JSON line."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=1024, help="batch size (rows of the logits)")
+    ap.add_argument("--c", type=int, default=1000, help="number of classes")
+    ap.add_argument("--repeats", type=int, default=300, help="timed rounds per variant")
+    ap.add_argument("--warmup", type=int, default=30, help="untimed rounds first")
+    ap.add_argument("--alpha", type=float, default=0.25, help="PGT exponent for 'pgt'")
+    ap.add_argument(
+        "--device",
+        default="all",
+        choices=["cpu", "cuda", "all"],
+        help="'all' = cpu, plus cuda when available",
+    )
+    args = ap.parse_args(argv)
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    if args.device == "all" and not torch.cuda.is_available():
+        devices = ["cpu"]
+    for dev in devices:
+        res = bench(args.n, args.c, args.repeats, args.warmup, args.alpha, dev)
+        _print_table(res)
+        print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
