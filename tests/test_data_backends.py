@@ -83,7 +83,11 @@ def test_deterministic_epochs_and_resume_from_start_batch(digits_cfg, backend):
     b = build(digits_cfg, backend, batch_size=96)
     again = collect(b.train.epoch(1))
     assert all(torch.equal(p, q) for p, q in zip(full1[0], again[0], strict=True))
-    tail = collect(b.train.epoch(1, start_batch=9))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tail = collect(b.train.epoch(1, start_batch=9))
+    # DALI without a checkpoint replays the first 9 batches, and says so.
+    assert any("replaying" in str(w.message) for w in caught) == (backend == "dali")
     assert len(tail[0]) == len(a.train) - 9
     for p, q in zip(full1[0][9:] + full1[1][9:], tail[0] + tail[1], strict=True):
         assert torch.equal(p, q)
@@ -113,7 +117,10 @@ def test_dali_checkpoint_resume_through_torch_save(digits_cfg):
     assert isinstance(state["dali_checkpoint"], str)
     resumed = build(digits_cfg, "dali", batch_size=96)
     resumed.train.load_state_dict(state)
-    rest = [x for x, _ in resumed.train.epoch(3, start_batch=5)]
+    with warnings.catch_warnings():
+        # Restored from the checkpoint, not replayed: no replay warning.
+        warnings.simplefilter("error")
+        rest = [x for x, _ in resumed.train.epoch(3, start_batch=5)]
     assert len(rest) == len(seen) - 5
     assert all(torch.equal(p, q) for p, q in zip(seen[5:], rest, strict=True))
 
@@ -273,11 +280,14 @@ def test_dali_mixed_contract_resume_and_val(digits_cfg, photo_folder):
         full.append(x)
         if k == 3:
             saved = loaders.train.state_dict()
-    tail = [x for x, _ in loaders.train.epoch(1, start_batch=4)]
+    with pytest.warns(UserWarning, match="replaying"):
+        tail = [x for x, _ in loaders.train.epoch(1, start_batch=4)]
     assert all(torch.equal(p, q) for p, q in zip(full[4:], tail, strict=True))
     resumed = build_loaders(digits_cfg, gpu_loader, **kwargs)
     resumed.train.load_state_dict(saved)
-    again = [x for x, _ in resumed.train.epoch(1, start_batch=4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = [x for x, _ in resumed.train.epoch(1, start_batch=4)]
     assert all(torch.equal(p, q) for p, q in zip(full[4:], again, strict=True))
 
     root, _ = photo_folder

@@ -20,6 +20,7 @@ truncated file.
 from __future__ import annotations
 
 import base64
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -194,6 +195,12 @@ class DaliTrainLoader:
             and "dali_checkpoint" in resume
         )
         checkpoint = base64.b64decode(resume["dali_checkpoint"]) if restorable else None
+        if start_batch > 0 and checkpoint is None:
+            warnings.warn(
+                f"no DALI checkpoint for epoch {epoch} batch {start_batch} (load_state_dict not "
+                f"called with one): replaying and discarding {start_batch} batches",
+                stacklevel=2,
+            )
         self._iterator = self._build(epoch, checkpoint)
         self._epoch, self._next_batch = epoch, 0 if checkpoint is None else start_batch
         try:
