@@ -12,6 +12,7 @@ hits them alike. Reported per variant: the median ms per call and the median ove
 per-round time ratio to ce (paired, hence robust to slow drifts in machine load).
 
 Usage: python scripts/bench_pgt.py [--n 1024] [--c 1000] [--repeats 300] [--device cpu|cuda|all]
+       [--alpha 0.25] [--threads T]
 """
 
 from __future__ import annotations
@@ -158,7 +159,12 @@ def main(argv: list[str] | None = None) -> None:
         choices=["cpu", "cuda", "all"],
         help="'all' = cpu, plus cuda when available",
     )
+    ap.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (default: torch's default)"
+    )
     args = ap.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     if args.device == "all" and not torch.cuda.is_available():
         devices = ["cpu"]

@@ -385,8 +385,9 @@ def test_cuda(dtype, alpha):
     loss, grad = _pgt_grad(logits, target, alpha)
     assert grad.dtype == dtype and grad.is_cuda
     expected = _closed_form(logits.cpu(), target.cpu(), alpha, 0.0, "mean", torch.tensor(1.0))
-    eps = torch.finfo(dtype).eps
-    torch.testing.assert_close(grad.cpu().double(), expected, rtol=eps, atol=eps / 256)
+    # fp32: the closed-form tolerance used on CPU; fp16/bf16: one rounding to the dtype.
+    tol = max(torch.finfo(dtype).eps, 1e-5)
+    torch.testing.assert_close(grad.cpu().double(), expected, rtol=tol, atol=tol / 256)
     torch.testing.assert_close(loss, F.cross_entropy(logits.float(), target))
     if alpha == 1.0 and dtype == torch.float32:
         assert torch.equal(grad, _ce_grad(logits, target)[1])
