@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -58,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     root = args.root
     if root is None:
         tmp = tempfile.TemporaryDirectory(prefix="bench_data_")
-        root = Path(tmp.name)
+        root = Path(tmp.name) / "data"
+        # Keep the start-up check's cache with the throwaway folder, not in the user's cache.
+        os.environ["POWERGRAD_CACHE"] = str(Path(tmp.name) / "cache")
     if not (root / "train").is_dir():
         write_image_folder(
             root, classes=CLASSES, train_per_class=args.images // CLASSES, val_per_class=1
