@@ -19,6 +19,15 @@ from powergrad.pgt import PowerGradCrossEntropy
 ROOT = Path(__file__).resolve().parents[1]
 register_configs()
 
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """prepare_runtime sets torch's thread count (trainer.threads); give it back afterwards."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 SUMMARY_KEYS = {
     "train_top1",
     "val_top1",

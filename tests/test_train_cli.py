@@ -1,0 +1,117 @@
+"""train.py as users run it: the main job's multirun, run directories, and clear CLI errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from powergrad.tracking import read_offline_run
+
+ROOT = Path(__file__).resolve().parents[1]
+# The default job, shrunk to seconds: 1 epoch of 22 steps at batch 64, one CPU thread.
+SMALL = [
+    "trainer.epochs=1",
+    "trainer.warmup_epochs=0",
+    "trainer.batch_size=64",
+    "trainer.threads=1",
+    "loader.workers=0",
+]
+
+
+def _env(tmp_path, **extra):
+    """The environment of a fresh clone: no wandb credentials, no WANDB_MODE."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}
+    netrc = tmp_path / "empty_netrc"
+    netrc.write_text("")
+    return {**env, "NETRC": str(netrc), **extra}
+
+
+def _run(args, cwd, env=None, timeout=300):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.slow
+def test_main_job_multirun_prints_and_writes_the_comparison(tmp_path):
+    proc = _run(["-m", "method=baseline,pgt", *SMALL], cwd=tmp_path, env=_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep,) = (tmp_path / "multirun").glob("*/*")
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert jobs == ["0_baseline", "1_pgt"]
+
+    # Progress bar with ETA (tqdm on stderr), the wandb offline notice, then the table.
+    assert "<00:" in proc.stderr and "step/s" in proc.stderr
+    assert "logging offline" in proc.stdout
+    header = "| method | alpha | train top-1 % | val top-1 % | train loss | val loss | logit norm | wall s |"
+    assert header in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| baseline", "| pgt"))]
+    assert len(rows) == 2 and rows[1].startswith("| pgt | 0.25 |")
+    assert (sweep / "compare.md").read_text().startswith(header)
+    table = json.loads((sweep / "compare.json").read_text())
+    assert [r["method"] for r in table["rows"]] == ["baseline", "pgt"]
+    assert table["total_wall_s"] > 0
+    assert (sweep / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+    for job in jobs:
+        run_dir = sweep / job
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["val_images"] == 360 and summary["epochs"] == 1
+        assert (run_dir / "last.pt").exists() and (run_dir / "config.yaml").exists()
+        run = read_offline_run(run_dir)
+        assert run["group"] == sweep.name and run["job_type"] == "train"
+        assert "model:resnet18" in run["tags"] and f"method:{summary['method']}" in run["tags"]
+        assert run["config"]["method"]["name"] == summary["method"]
+        assert run["summary"]["val_top1"] == summary["val_top1"]
+    assert "alpha:0.25" in read_offline_run(sweep / "1_pgt")["tags"]
+
+    # Resuming the baseline run as a PGT run is refused before anything is built.
+    wrong = _run([f"trainer.resume={sweep / '0_baseline'}", "method=pgt"], cwd=tmp_path)
+    assert wrong.returncode == 2
+    assert "is a run of model=resnet18" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+@pytest.mark.slow
+def test_runs_started_together_get_their_own_directories(tmp_path):
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "train.py"), *SMALL, "logger=none"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    run_dirs = sorted(p.parent for p in (tmp_path / "outputs").glob("*/*/summary.json"))
+    assert len(run_dirs) == 2
+    # A new run refuses a directory that already holds one.
+    again = _run([*SMALL, "logger=none", f"hydra.run.dir={run_dirs[0]}"], cwd=tmp_path)
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["trainer.epoch=3"], "Key 'epoch' not in 'TrainerConfig'"),
+        (["method=pgtt"], "Could not find 'method/pgtt'"),
+        (["method=pgt", "method.alpha=2"], "error: method.alpha=2.0 is out of range"),
+        (["data=imagenet"], "error: data=imagenet needs its folder: pass data.root=DIR"),
+    ],
+)
+def test_cli_errors_are_clear(tmp_path, args, needle):
+    proc = _run(args, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert needle in proc.stderr
+    assert not list(tmp_path.glob("outputs/*/*/last.pt"))
