@@ -29,11 +29,15 @@ def train(cfg: DictConfig) -> dict:
     validate_train(cfg)
     info = pgdist.setup(cfg.trainer.device)
     hydra_cfg = HydraConfig.get()
-    # Rank 0's directory is the run's; other ranks only read from it.
-    run_dir = Path(pgdist.broadcast_object(hydra_cfg.runtime.output_dir)).resolve()
-    if not cfg.trainer.resume and any((run_dir / f).exists() for f in (CONFIG_FILE, LAST)):
+    # Rank 0's directory is the run's (other ranks only read from it); a resume continues in place.
+    run_dir = Path(cfg.trainer.resume or pgdist.broadcast_object(hydra_cfg.runtime.output_dir))
+    run_dir = run_dir.expanduser().resolve()
+    taken = info.is_main and any((run_dir / f).exists() for f in (CONFIG_FILE, LAST))
+    if not cfg.trainer.resume and pgdist.broadcast_object(taken):
         raise ConfigError(f"{run_dir} already holds a run; trainer.resume={run_dir} continues it")
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if multirun and cfg.trainer.resume:
+        raise ConfigError("trainer.resume continues one run; run it without -m / --multirun")
     group = Path(hydra_cfg.sweep.dir).name if multirun else None
     return run_training(cfg, run_dir, info, group=group)
 

@@ -86,6 +86,7 @@ def build_context(
     if t.compile:
         net = torch.compile(net)
     config = OmegaConf.to_container(cfg, resolve=True)
+    sha = git_sha()
     tracker = Tracker(
         run_dir,
         config,
@@ -94,6 +95,7 @@ def build_context(
         group=cfg.experiment_name or group,
         run_id=wandb_id,
         enabled=info.is_main,
+        git_sha=sha,
     )
     meta = {
         "model": cfg.model.name,
@@ -124,7 +126,7 @@ def build_context(
         trainer=t,
         run_dir=run_dir,
         config=config,
-        git_sha=git_sha(),
+        git_sha=sha,
         meta=meta,
     )
 

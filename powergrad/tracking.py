@@ -108,6 +108,7 @@ class Tracker:
         group: wandb group when ``logger.group`` is null (experiment or sweep name).
         run_id: wandb run id of the run being resumed, or None for a new run.
         enabled: False on ranks other than 0.
+        git_sha: the code's commit, added to the wandb config as ``git_sha``.
     """
 
     def __init__(
@@ -120,6 +121,7 @@ class Tracker:
         group: str | None = None,
         run_id: str | None = None,
         enabled: bool = True,
+        git_sha: str | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.enabled = enabled
@@ -143,7 +145,7 @@ class Tracker:
             project=logger.project,
             entity=logger.entity,
             dir=str(self.run_dir),
-            config=config,
+            config={**config, "git_sha": git_sha} if git_sha else config,
             tags=sorted({*tags, *logger.tags}),
             group=logger.group or group,
             job_type=logger.job_type,

@@ -134,7 +134,7 @@ def test_wrong_type_fails_at_composition():
         (["trainer.precision=fp64"], "precision='fp64'"),
         (["data=imagenet"], "data.root=DIR"),
         (["data=imagenet", "data.root=/no/such/dir"], "no such directory"),
-        (["trainer.warmup_epochs=20"], "warmup_epochs"),
+        (["trainer.warmup_epochs=30"], "warmup_epochs"),
         (["sched=step", "sched.milestones=[1.5]"], "fraction"),
         (["logger.mode=sometimes"], "logger.mode"),
     ],

@@ -70,6 +70,7 @@ def test_main_job_multirun_prints_and_writes_the_comparison(tmp_path):
         assert run["group"] == sweep.name and run["job_type"] == "train"
         assert "model:resnet18" in run["tags"] and f"method:{summary['method']}" in run["tags"]
         assert run["config"]["method"]["name"] == summary["method"]
+        assert run["config"]["git_sha"] == summary["git_sha"] != "unknown"
         assert run["summary"]["val_top1"] == summary["val_top1"]
     assert "alpha:0.25" in read_offline_run(sweep / "1_pgt")["tags"]
 
