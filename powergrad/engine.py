@@ -368,6 +368,12 @@ def fit(ctx: TrainContext, state: TrainState, meter: EpochMeter | None = None) -
         train_one_epoch(ctx, state, meter, progress)
         _check_finite(ctx, state, meter)
         train = meter.compute()
+        if train["nonfinite_losses"] >= steps_per_epoch * ctx.dist.world_size:
+            # fp16: the scaler skipped every step of the epoch; the weights themselves are bad.
+            raise NonFiniteLossError(
+                f"every loss of epoch {state.epoch + 1} was non-finite; stopping. Last good "
+                f"checkpoint: {ctx.run_dir / LAST}"
+            )
         train_s = time.perf_counter() - epoch_start
         last = state.epoch + 1 == t.epochs
         val = None

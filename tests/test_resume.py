@@ -35,7 +35,10 @@ ARGS = [
 
 def _train(*extra, cwd):
     cmd = [sys.executable, str(ROOT / "train.py"), *ARGS, *extra]
-    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # Each run starts its own wandb service, as after a real restart: a service inherited from
+    # this test process (WANDB_SERVICE) would still hold the killed run's id.
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def _wait(proc, timeout=300):

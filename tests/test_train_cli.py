@@ -22,8 +22,9 @@ SMALL = [
 
 
 def _env(tmp_path, **extra):
-    """The environment of a fresh clone: no wandb credentials, no WANDB_MODE."""
-    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}
+    """The environment of a fresh clone: no wandb credentials, mode or service."""
+    drop = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_SERVICE")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     netrc = tmp_path / "empty_netrc"
     netrc.write_text("")
     return {**env, "NETRC": str(netrc), **extra}
