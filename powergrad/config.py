@@ -341,6 +341,24 @@ def _check_resume(cfg: DictConfig) -> None:
             f"method={old_method}, but this command asks for model={cfg.model.name} "
             f"method={new_method}; pass the run's own model= and method= overrides"
         )
+    changed = _diff(OmegaConf.to_container(old), OmegaConf.to_container(cfg, resolve=True))
+    changed = [c for c in changed if not c.startswith(_RESUME_FREE)]
+    if changed:
+        print(f"warning: resuming {run_dir} with changed settings: {'; '.join(changed)}")
+
+
+# Keys that may differ between a run's first start and its resumption without comment.
+_RESUME_FREE = ("trainer.resume", "trainer.progress", "logger.")
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf that differs between two nested dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _diff(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix[:-1]}: {old} -> {new}"]
 
 
 def validate_train(cfg: DictConfig, world_size: int | None = None) -> None:

@@ -363,6 +363,7 @@ def fit(ctx: TrainContext, state: TrainState, meter: EpochMeter | None = None) -
             dynamic_ncols=True,
         )
     ctx.tracker.write_history(state.history)
+    ctx.tracker.truncate_filter_norms(state.step)
     while state.epoch < t.epochs:
         epoch_start, images_before = time.perf_counter(), float(meter.sums[2])
         train_one_epoch(ctx, state, meter, progress)

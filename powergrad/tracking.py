@@ -182,6 +182,13 @@ class Tracker:
         if self.wandb_run is not None:
             self.wandb_run.log(wandb_epoch_keys(history[-1]))
 
+    def truncate_filter_norms(self, step: int) -> None:
+        """Drop filter-norm records after optimizer step ``step`` (a resume replays them)."""
+        path = self.run_dir / FILTER_NORMS_FILE
+        if self.enabled and path.exists():
+            kept = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+            write_json_atomic(path, [r for r in kept if r["step"] <= step], lines=True)
+
     def log_filter_norms(self, record: dict[str, Any]) -> None:
         """Append one per-filter norm snapshot to filter_norms.jsonl (rank 0)."""
         if self.enabled:

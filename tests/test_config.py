@@ -196,3 +196,12 @@ def test_run_dirs_differ_between_processes_started_together():
     assert len(set(dirs)) == 3
     # Within one process the directory is fixed, however often Hydra resolves it.
     assert default_run_dir() == default_run_dir()
+
+
+def test_resume_with_other_settings_warns_and_names_them(tmp_path, capsys):
+    run_dir = _fake_run(tmp_path)
+    validate_train(_compose(f"trainer.resume={run_dir}", "trainer.epochs=40"), world_size=1)
+    out = capsys.readouterr().out
+    assert "warning: resuming" in out and "trainer.epochs: 30 -> 40" in out
+    validate_train(_compose(f"trainer.resume={run_dir}", "trainer.progress=false"), world_size=1)
+    assert capsys.readouterr().out == ""

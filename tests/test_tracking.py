@@ -118,3 +118,12 @@ def test_epoch_keys_are_grouped_into_wandb_panels():
         "val/logit_norm": 4.0,
         "perf/images_per_s": 9.0,
     }
+
+
+def test_filter_norm_records_after_the_resume_step_are_dropped(tmp_path):
+    tracker = Tracker(tmp_path, {}, _logger(name="none", mode="disabled"))
+    for step in (10, 20, 30):
+        tracker.log_filter_norms({"step": step, "zeroed": 0, "layers": []})
+    tracker.truncate_filter_norms(20)
+    lines = (tmp_path / "filter_norms.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [10, 20]
