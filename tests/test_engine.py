@@ -186,3 +186,18 @@ def test_cuda_precisions_with_channels_last(tmp_path, precision):
     summary = fit(ctx, TrainState())
     assert summary["val_images"] == 360 and summary["val_top1"] > 20
     assert summary["nonfinite_losses"] <= 2  # fp16: the scaler's first steps may overflow
+
+
+@pytest.mark.gpu
+def test_torch_compile_trains_and_checkpoints_the_bare_model(tmp_path):
+    ctx = _context(
+        tmp_path,
+        "trainer.epochs=2",
+        "trainer.compile=true",
+        "trainer.precision=bf16",
+        "trainer.device=cuda",
+    )
+    summary = fit(ctx, TrainState())
+    assert summary["val_top1"] > 20
+    keys = set(load_checkpoint(tmp_path / "last.pt")["model"])
+    assert keys and not any(k.startswith("_orig_mod.") for k in keys)
