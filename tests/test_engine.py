@@ -58,7 +58,7 @@ def _context(run_dir, *overrides):
         )
     prepare_runtime(cfg)
     run_dir.mkdir(exist_ok=True)
-    return build_context(cfg, run_dir, pgdist.setup("cpu"))
+    return build_context(cfg, run_dir, pgdist.setup(cfg.trainer.device))
 
 
 def test_logit_stats_match_the_closed_form():
