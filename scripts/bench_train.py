@@ -1,0 +1,421 @@
+"""Benchmark: images/s of the trainer's step against a minimal hand-written PyTorch loop, and PGT on/off.
+
+Three variants train the same timm model (same architecture, same seed, same synthetic batch,
+same precision, channels_last and compile settings) and run interleaved in one process:
+
+  minimal   a hand-written loop: forward, F.cross_entropy, zero_grad, backward, SGD step
+            (plus GradScaler under fp16). No scheduler, no metrics, no checks.
+  ours_ce   powergrad.engine.train_one_epoch on a context from powergrad.build.build_context
+            (method=baseline): the real step code path with the real components (timm
+            scheduler, EpochMeter/LogitStats, clipper, tracker with logger=none).
+  ours_pgt  the same with method=pgt (the exact PGT cross-entropy, alpha 0.25).
+
+Each round runs one chunk of --steps optimizer steps per variant, rotating the order every round
+so no variant always runs first; chunks are timed with a device sync at both ends. Reported: the
+median images/s per variant and the median over rounds of the paired per-round ratio (a ratio
+of two chunks that ran seconds apart, so slow drifts in machine load cancel), with a
+distribution-free 95% interval of that median. Targets (see the issue): ours_ce / minimal >= 0.97,
+ours_pgt / ours_ce >= 0.995.
+
+With --rss it also reports peak resident memory (MiB) of a short main job (train.py on digits,
+loader workers included) and of a ResNet-50 synthetic run, each in a subprocess.
+
+Usage: python scripts/bench_train.py [--models resnet18,resnet50] [--image-size 128] [--batch 16]
+       [--steps 3] [--rounds 21] [--precision fp32|bf16|fp16] [--channels-last] [--compile]
+       [--device cpu|cuda] [--threads 1] [--rss] [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+# Running as `python scripts/bench_train.py` from a fresh clone: make `powergrad` importable.
+sys.path.insert(0, str(ROOT))
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from powergrad import distributed as pgdist  # noqa: E402
+from powergrad.build import build_context, prepare_runtime  # noqa: E402
+from powergrad.config import register_configs, validate_train  # noqa: E402
+from powergrad.engine import (  # noqa: E402
+    AMP_DTYPES,
+    EpochMeter,
+    TrainContext,
+    TrainState,
+    train_one_epoch,
+)
+from powergrad.models import build_model  # noqa: E402
+
+register_configs()
+
+PGT_ALPHA = 0.25  # the paper's ResNet-18 value; the cost of PGT does not depend on alpha in (0, 1)
+
+
+def compose_config(
+    model: str,
+    method: str,
+    *,
+    image_size: int,
+    batch: int,
+    steps: int,
+    precision: str,
+    channels_last: bool,
+    compile: bool,
+    device: str,
+    threads: int | None,
+    extra: tuple[str, ...] = (),
+) -> DictConfig:
+    """The train config of one benchmark variant: synthetic data, ``steps`` batches per epoch."""
+    overrides = [
+        f"model={model}",
+        f"method={method}",
+        "data=synthetic",
+        f"data.image_size={image_size}",
+        f"data.synthetic_train_images={batch * steps}",
+        f"data.synthetic_val_images={batch}",
+        "logger=none",
+        "trainer.progress=false",
+        f"trainer.batch_size={batch}",
+        f"trainer.precision={precision}",
+        f"trainer.channels_last={channels_last}",
+        f"trainer.compile={compile}",
+        f"trainer.device={device}",
+        f"trainer.threads={'null' if threads is None else threads}",
+        # A long schedule so the lr stays near its peak however many chunks run.
+        "trainer.epochs=100000",
+        "trainer.warmup_epochs=0",
+        *extra,
+    ]
+    if method == "pgt":
+        overrides.append(f"method.alpha={PGT_ALPHA}")
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    validate_train(cfg, world_size=1)
+    return cfg
+
+
+def build_ours(cfg: DictConfig, run_dir: Path) -> tuple[TrainContext, Callable[[], None]]:
+    """The trainer's context for ``cfg`` and a closure that trains one chunk (one epoch of it)."""
+    prepare_runtime(cfg)  # seeds (same init for every variant), threads
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ctx = build_context(cfg, run_dir, pgdist.setup(cfg.trainer.device))
+    # fit() stamps the start time; train_one_epoch only needs it for checkpoints (none here).
+    ctx.meta["_start"] = time.perf_counter()
+    state, meter = TrainState(), EpochMeter(ctx.dist.device)
+
+    def chunk() -> None:
+        train_one_epoch(ctx, state, meter)
+        state.epoch += 1
+        state.batch = 0
+
+    return ctx, chunk
+
+
+def minimal_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.SGD:
+    """Hand-written SGD setup with the trainer's hyper-parameters: no decay on 1-D parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = cfg.optim.lr_per_256 * cfg.trainer.batch_size / 256
+    return torch.optim.SGD(
+        [
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.optim.weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ],
+        lr=lr,
+        momentum=cfg.optim.momentum,
+        nesterov=cfg.optim.nesterov,
+    )
+
+
+def build_minimal(
+    cfg: DictConfig, images: torch.Tensor, target: torch.Tensor, num_classes: int
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, Callable[[int], list[torch.Tensor]]]:
+    """A minimal PyTorch training loop on the given batch; returns (model, optimizer, run).
+
+    ``run(k)`` trains k steps and returns the k losses (device tensors, no host sync).
+    """
+    t = cfg.trainer
+    prepare_runtime(cfg)  # the same seed as the trainer's variants: the same initial weights
+    device = images.device
+    model = build_model(cfg.model.name, num_classes, drop_rate=cfg.model.drop_rate)
+    fmt = torch.channels_last if t.channels_last else torch.preserve_format
+    model = model.to(device, memory_format=fmt)
+    optimizer = minimal_optimizer(model, cfg)
+    net = torch.compile(model) if t.compile else model
+    dtype = AMP_DTYPES[t.precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
+
+    def run(steps: int) -> list[torch.Tensor]:
+        net.train()
+        losses = []
+        for _ in range(steps):
+            # Per step, as a loader's fresh batch would need it.
+            x = images.contiguous(memory_format=fmt)
+            with torch.autocast(
+                device.type, dtype=dtype or torch.float32, enabled=dtype is not None
+            ):
+                loss = F.cross_entropy(net(x), target)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(loss.detach())
+        return losses
+
+    return model, optimizer, run
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ci95(values: list[float]) -> tuple[float, float, float]:
+    """Median and a distribution-free ~95% interval for it (binomial order statistics)."""
+    xs = sorted(values)
+    n = len(xs)
+    half = 0.98 * math.sqrt(n)  # 1.96 * sqrt(n) / 2
+    lo = max(0, math.floor(n / 2 - half))
+    hi = min(n - 1, math.ceil(n / 2 + half) - 1)
+    return statistics.median(xs), xs[lo], xs[hi]
+
+
+def bench_model(model: str, args: argparse.Namespace, tmp: Path) -> dict:
+    """Time minimal / ours_ce / ours_pgt on ``model``, interleaved; returns medians and ratios."""
+    common = {
+        "image_size": args.image_size,
+        "batch": args.batch,
+        "steps": args.steps,
+        "precision": args.precision,
+        "channels_last": args.channels_last,
+        "compile": args.compile,
+        "device": args.device,
+        "threads": args.threads,
+    }
+    ce_cfg = compose_config(model, "baseline", **common)
+    pgt_cfg = compose_config(model, "pgt", **common)
+    ce_ctx, ce_chunk = build_ours(ce_cfg, tmp / f"{model}-ce")
+    _, pgt_chunk = build_ours(pgt_cfg, tmp / f"{model}-pgt")
+    images, target = ce_ctx.train_loader.batch
+    num_classes = ce_cfg.data.num_classes
+    _, _, minimal_run = build_minimal(ce_cfg, images, target, num_classes)
+    device = images.device
+    chunks: dict[str, Callable[[], None]] = {
+        "minimal": lambda: minimal_run(args.steps),
+        "ours_ce": ce_chunk,
+        "ours_pgt": pgt_chunk,
+    }
+    names = list(chunks)
+    seconds: dict[str, list[float]] = {k: [] for k in names}
+    load_before = os.getloadavg()
+    for rnd in range(args.warmup + args.rounds):
+        order = names[rnd % len(names) :] + names[: rnd % len(names)]
+        for name in order:
+            _sync(device)
+            t0 = time.perf_counter()
+            chunks[name]()
+            _sync(device)
+            if rnd >= args.warmup:
+                seconds[name].append(time.perf_counter() - t0)
+    images_per_chunk = args.steps * args.batch
+    ips = {k: statistics.median(images_per_chunk / s for s in v) for k, v in seconds.items()}
+
+    def paired(num: str, den: str) -> dict[str, float]:
+        # Throughput ratio num/den per round = time(den) / time(num).
+        med, lo, hi = median_ci95([b / a for a, b in zip(seconds[num], seconds[den], strict=True)])
+        return {"median": med, "ci95_lo": lo, "ci95_hi": hi}
+
+    return {
+        "model": model,
+        "device": str(device),
+        "image_size": args.image_size,
+        "batch": args.batch,
+        "steps_per_chunk": args.steps,
+        "rounds": args.rounds,
+        "precision": args.precision,
+        "channels_last": args.channels_last,
+        "compile": args.compile,
+        "threads": torch.get_num_threads(),
+        "images_per_s": ips,
+        "ratio_ours_ce_vs_minimal": paired("ours_ce", "minimal"),
+        "ratio_ours_pgt_vs_ours_ce": paired("ours_pgt", "ours_ce"),
+        "ratio_ours_pgt_vs_minimal": paired("ours_pgt", "minimal"),
+        "loadavg_1min_before_after": [load_before[0], os.getloadavg()[0]],
+        "peak_rss_mib_this_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def _tree_rss_kib(pid: int) -> tuple[int, int]:
+    """(VmHWM of ``pid``, summed VmRSS of ``pid`` and its descendants), KiB, from /proc."""
+
+    def field(p: int, key: str) -> int:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith(key):
+                    return int(line.split()[1])
+        except (OSError, ValueError):
+            pass
+        return 0
+
+    def children(p: int) -> list[int]:
+        try:
+            tasks = Path(f"/proc/{p}/task").iterdir()
+            kids = []
+            for task in tasks:
+                kids += [int(c) for c in (task / "children").read_text().split()]
+            return kids
+        except OSError:
+            return []
+
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += field(p, "VmRSS:")
+        todo += children(p)
+    return field(pid, "VmHWM:"), total
+
+
+def peak_rss(cmd: list[str], cwd: Path, env: dict[str, str]) -> dict:
+    """Run ``cmd``; sample its memory every 0.1 s. Returns peaks in MiB and the wall time."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    hwm = tree = 0
+    while proc.poll() is None:
+        h, t = _tree_rss_kib(proc.pid)
+        hwm, tree = max(hwm, h), max(tree, t)
+        time.sleep(0.1)
+    out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-3000:]}")
+    return {
+        "command": " ".join(cmd),
+        "peak_rss_main_mib": hwm / 1024,
+        "peak_rss_tree_mib": tree / 1024,
+        "wall_s": time.perf_counter() - t0,
+    }
+
+
+def rss_report(args: argparse.Namespace, tmp: Path) -> dict:
+    """Peak RSS of a short main job (digits, loader workers) and of a ResNet-50 synthetic run."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    py = sys.executable
+
+    def job(name: str, *overrides: str) -> list[str]:
+        return [
+            py,
+            "train.py",
+            "logger=none",
+            "trainer.progress=false",
+            f"hydra.run.dir={tmp}/rss-{name}",
+            *overrides,
+        ]
+
+    main_job = job("main", f"trainer.epochs={1 if args.tiny else 2}", "trainer.warmup_epochs=0")
+    r50 = job(
+        "r50",
+        "model=resnet50",
+        "data=synthetic",
+        f"data.image_size={16 if args.tiny else 224}",
+        f"data.synthetic_train_images={32 if args.tiny else 64}",
+        "data.synthetic_val_images=16",
+        "trainer.batch_size=16",
+        "trainer.epochs=1",
+        "trainer.warmup_epochs=0",
+        "trainer.device=cpu",
+    )
+    if args.tiny:
+        main_job += ["model=resnet18", "trainer.batch_size=64", "loader.workers=0"]
+    return {
+        "main_job": peak_rss(main_job, ROOT, env),
+        "resnet50_synthetic": peak_rss(r50, ROOT, env),
+    }
+
+
+def _print_table(res: dict) -> None:
+    print(
+        f"\n{res['model']}  {res['device']}  {res['image_size']}px batch={res['batch']} "
+        f"{res['precision']} channels_last={res['channels_last']} compile={res['compile']} "
+        f"threads={res['threads']} rounds={res['rounds']}x{res['steps_per_chunk']} steps  "
+        f"load1={res['loadavg_1min_before_after'][0]:.2f}->{res['loadavg_1min_before_after'][1]:.2f}"
+    )
+    for k, v in res["images_per_s"].items():
+        print(f"  {k:<10}{v:>10.2f} images/s")
+    for key, target in (
+        ("ratio_ours_ce_vs_minimal", 0.97),
+        ("ratio_ours_pgt_vs_ours_ce", 0.995),
+        ("ratio_ours_pgt_vs_minimal", None),
+    ):
+        r = res[key]
+        goal = f"  (target >= {target})" if target else ""
+        print(
+            f"  {key[6:]:<22}{r['median']:>8.4f}  95% [{r['ci95_lo']:.4f}, {r['ci95_hi']:.4f}]"
+            f"{goal}"
+        )
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Parse arguments, bench each model, print a table and one JSON line per model."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="resnet18,resnet50", help="comma-separated model names")
+    ap.add_argument("--image-size", type=int, default=128, help="square image side, pixels")
+    ap.add_argument("--batch", type=int, default=16, help="images per step")
+    ap.add_argument("--steps", type=int, default=3, help="optimizer steps per timed chunk")
+    ap.add_argument("--rounds", type=int, default=21, help="timed rounds (chunks per variant)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile both loops")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU intra-op threads (1, as the main job: on a shared 2-core CPU, 2 threads "
+        "inflate timings through OpenMP barrier stalls); 0 leaves torch's default",
+    )
+    ap.add_argument("--rss", action="store_true", help="also measure peak RSS (subprocesses)")
+    ap.add_argument("--tiny", action="store_true", help="smoke mode: tiny sizes, few rounds")
+    args = ap.parse_args(argv)
+    if args.threads == 0:
+        args.threads = None
+    if args.tiny:
+        args.image_size, args.batch, args.steps, args.rounds, args.warmup = 32, 4, 1, 3, 1
+    random.seed(0)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench_train-") as tmp:
+        for model in args.models.split(","):
+            res = bench_model(model, args, Path(tmp))
+            _print_table(res)
+            print(json.dumps(res))
+            results.append(res)
+        if args.rss:
+            rss = rss_report(args, Path(tmp))
+            print("\npeak RSS (MiB): main process / process tree incl. loader workers")
+            for name, r in rss.items():
+                print(
+                    f"  {name:<20}{r['peak_rss_main_mib']:>9.1f} /{r['peak_rss_tree_mib']:>9.1f}"
+                    f"   ({r['wall_s']:.0f} s: {r['command']})"
+                )
+            print(json.dumps({"peak_rss": rss}))
+            results.append({"peak_rss": rss})
+    return results
+
+
+if __name__ == "__main__":
+    main()
