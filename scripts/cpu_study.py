@@ -1,0 +1,323 @@
+"""CPU-scale study of the paper's claims on the embedded digits dataset (real train.py runs).
+
+Three parts, every point with ``--seeds`` seeds (default 3), each run a real ``train.py`` process
+on digits (32x32, 1,437 train / 360 val images) with the dataset's ImageNet-style augmentation
+(RandomResizedCrop; no horizontal flip, which turns a digit into another symbol):
+
+(a) ResNet-18 (BN), baseline vs PGT alpha 0.25: train and val accuracy (Table 1 / Fig. 3).
+(b) ResNet-18 without normalization at a large and a small batch: baseline, PGT, AGC, AGC+PGT;
+    zeroed-out filters and accuracy (Table 2 / Figs. 4-6). Per-filter norms are recorded about
+    25 times per run.
+(c) ResNet-18 (BN), final loss and logit norm against alpha (Section 5.3 / Fig. 7); alpha = 1 is
+    the baseline of (a), alpha 0.25 the PGT of (a).
+
+Run directories go to ``outputs/cpu_study/<point>/seed<k>`` (ignored by git). A finished run
+(summary.json present) is reused, an unfinished one is deleted and run again, so the script
+resumes after an interruption. What is committed is what it writes under ``results/cpu/``:
+``runs.json`` (per-run summaries, epoch histories and filter-norm digests) and
+``provenance.json`` (command, git SHA, wall time, host); ``scripts/report.py`` then renders the
+tables and plots from those (this script calls it at the end)::
+
+    python scripts/cpu_study.py                 # the whole study, 2 runs at a time (~40 min)
+    python scripts/cpu_study.py --fresh         # delete earlier run directories first
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS_ROOT = ROOT / "outputs" / "cpu_study"
+OUT = ROOT / "results" / "cpu"
+
+# Paper layers (1-based, forward order, see powergrad.models.conv_layers_paper_order) whose
+# per-filter norm trajectories are kept in runs.json for the Figs. 4-6 plots: the stem, a layer
+# of each stage, and the paper's layer 11 (layer3.0.conv1, 256 filters).
+TRAJECTORY_LAYERS = (1, 6, 11, 16, 20)
+
+# A filter counts as "collapsed" when its norm ends below this fraction of its first recorded
+# norm: a looser, scale-free companion to the paper's zeroed-out filters (norm < 1e-6).
+COLLAPSE_RATIO = 0.1
+
+# Settings shared by every run (Hydra overrides). One intra-op thread per process and one loader
+# worker, because two processes run side by side on a 2-core machine.
+COMMON = [
+    "data=digits",
+    "logger=none",
+    "trainer.progress=false",
+    "trainer.threads=1",
+    "loader.workers=1",
+    "trainer.warmup_epochs=1",
+]
+
+
+@dataclass(frozen=True)
+class Point:
+    """One configuration of the study; run once per seed."""
+
+    name: str
+    part: str
+    model: str
+    method: str
+    alpha: float | None
+    batch: int
+    epochs: int
+    filter_every: int = 0  # optimizer steps between per-filter norm snapshots (0: off)
+    extra: tuple[str, ...] = field(default=())
+
+    def run_dir(self, seed: int) -> Path:
+        """Where this point's run for ``seed`` lives; the budget is part of the name, so a
+        shorter trial run is never reused by the full study."""
+        return RUNS_ROOT / f"{self.name}_e{self.epochs}" / f"seed{seed}"
+
+    def overrides(self, seed: int) -> list[str]:
+        """train.py overrides for this point and seed."""
+        out = [
+            *COMMON,
+            f"model={self.model}",
+            f"method={self.method}",
+            f"trainer.batch_size={self.batch}",
+            f"trainer.epochs={self.epochs}",
+            f"trainer.filter_norms_every_steps={self.filter_every}",
+            f"seed={seed}",
+            f"experiment_name=cpu_{self.name}",
+            *self.extra,
+        ]
+        if self.alpha is not None:
+            out.append(f"method.alpha={self.alpha}")
+        return out
+
+
+# digits has 1,437 train images; the loader drops the last partial batch.
+TRAIN_IMAGES = 1437
+
+
+def _filter_every(batch: int, epochs: int, snapshots: int = 25) -> int:
+    steps = (TRAIN_IMAGES // batch) * epochs
+    return max(1, steps // snapshots)
+
+
+def study_points(epochs_a: int = 12, epochs_b: int = 12) -> list[Point]:
+    """Every point of parts (a), (b) and (c)."""
+    points = [
+        Point("a_baseline", "a", "resnet18", "baseline", None, 128, epochs_a),
+        Point("a_pgt_0.25", "a", "resnet18", "pgt", 0.25, 128, epochs_a),
+    ]
+    for alpha in (0.05, 0.1, 0.5, 0.75):
+        points.append(Point(f"c_pgt_{alpha:g}", "c", "resnet18", "pgt", alpha, 128, epochs_a))
+    # The paper's Table 2 spans batch 256-1024 on 1.28M images; on 1,437 images 512 is "large"
+    # (2 steps per epoch, lr 0.2) and 64 "small" (22 steps per epoch, lr 0.025).
+    for batch in (512, 64):
+        every = _filter_every(batch, epochs_b)
+        for method, alpha in (("baseline", None), ("pgt", 0.25), ("agc", None), ("agc_pgt", 0.25)):
+            name = f"b_b{batch}_{method}"
+            points.append(
+                Point(name, "b", "resnet18_nonorm", method, alpha, batch, epochs_b, every)
+            )
+    return points
+
+
+# Written into a run directory whose training stopped on a non-finite loss: a result (the
+# configuration diverges), not a failure to retry.
+DIVERGED = "DIVERGED"
+
+
+def _finished(run_dir: Path) -> bool:
+    return (run_dir / "summary.json").is_file() or (run_dir / DIVERGED).is_file()
+
+
+def run_one(point: Point, seed: int, log) -> tuple[Point, int, float, int]:
+    """Run (or reuse) one training run; returns (point, seed, wall seconds, exit code)."""
+    run_dir = point.run_dir(seed)
+    if _finished(run_dir):
+        return point, seed, 0.0, 0
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # an interrupted run: start it again from scratch
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "train.py", *point.overrides(seed), f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    (run_dir.parent / f"seed{seed}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0 and "NonFiniteLossError" in proc.stderr:
+        (run_dir / DIVERGED).write_text(proc.stderr[-2000:])
+        log(f"{point.name} seed{seed}: diverged (non-finite loss)")
+        return point, seed, wall, 0
+    log(f"{point.name} seed{seed}: rc={proc.returncode} {wall:.0f} s")
+    return point, seed, wall, proc.returncode
+
+
+def _digest_filter_norms(path: Path) -> dict:
+    """Per-layer zeroed/collapsed counts over time, plus full trajectories of chosen layers."""
+    records = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    if not records:
+        return {}
+    first = {lay["layer"]: lay["norms"] for lay in records[0]["layers"]}
+    steps, zeroed, collapsed = [], [], []
+    trajectories: dict[int, list[list[float]]] = {k: [] for k in TRAJECTORY_LAYERS}
+    for rec in records:
+        steps.append(rec["step"])
+        zeroed.append([lay["zeroed"] for lay in rec["layers"]])
+        collapsed.append(
+            [
+                sum(
+                    n < COLLAPSE_RATIO * n0
+                    for n, n0 in zip(lay["norms"], first[lay["layer"]], strict=True)
+                )
+                for lay in rec["layers"]
+            ]
+        )
+        for lay in rec["layers"]:
+            if lay["layer"] in trajectories:
+                trajectories[lay["layer"]].append([round(v, 4) for v in lay["norms"]])
+    last = records[-1]["layers"]
+    return {
+        "steps": steps,
+        "layer_names": [lay["name"] for lay in last],
+        "layer_filters": [len(lay["norms"]) for lay in last],
+        "zeroed": zeroed,  # [snapshot][layer]: filters with norm < 1e-6
+        "collapsed": collapsed,  # [snapshot][layer]: filters below COLLAPSE_RATIO x first norm
+        "min_norm": [round(min(lay["norms"]), 6) for lay in last],
+        "trajectories": {str(k): v for k, v in trajectories.items()},
+    }
+
+
+# Epoch-record fields kept in runs.json (for the accuracy-vs-epoch plots).
+HISTORY_KEYS = ("epoch", "train_top1", "val_top1", "train_loss", "val_loss", "val_logit_norm")
+
+
+def collect(points: list[Point], seeds: list[int]) -> list[dict]:
+    """Summaries, epoch histories and filter-norm digests of every finished run."""
+    runs = []
+    for point in points:
+        for seed in seeds:
+            run_dir = point.run_dir(seed)
+            entry = {"point": point.name, "part": point.part, "seed": seed, "model": point.model}
+            entry.update(method=point.method, alpha=point.alpha, batch=point.batch)
+            entry["epochs"] = point.epochs
+            history = []
+            if (run_dir / "metrics.jsonl").is_file():
+                lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+                history = [{k: r.get(k) for k in HISTORY_KEYS} for r in map(json.loads, lines)]
+            if (run_dir / DIVERGED).is_file():
+                runs.append({**entry, "status": "diverged", "history": history})
+                continue
+            if not _finished(run_dir):
+                log_file = run_dir.parent / f"seed{seed}.log"
+                tail = log_file.read_text()[-2000:] if log_file.is_file() else ""
+                runs.append({**entry, "status": "failed", "log_tail": tail})
+                continue
+            summary = json.loads((run_dir / "summary.json").read_text())
+            entry.update(
+                status="ok",
+                summary={
+                    k: summary.get(k)
+                    for k in (
+                        "train_top1",
+                        "val_top1",
+                        "train_loss",
+                        "val_loss",
+                        "logit_norm",
+                        "train_logit_norm",
+                        "steps",
+                        "wall_s",
+                        "git_sha",
+                    )
+                },
+                history=history,
+            )
+            norms = run_dir / "filter_norms.jsonl"
+            if norms.is_file():
+                digest = _digest_filter_norms(norms)
+                if seed != seeds[0]:
+                    digest.pop("trajectories", None)  # one seed's trajectories suffice to plot
+                entry["filter_norms"] = digest
+            runs.append(entry)
+    return runs
+
+
+def _git_sha() -> str:
+    sys.path.insert(0, str(ROOT))
+    from powergrad.tracking import git_sha
+
+    return git_sha(ROOT)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the study (resuming finished runs), write results/cpu/, render the report."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per point (>= 3 for the study)")
+    parser.add_argument("--jobs", type=int, default=2, help="train.py processes at a time")
+    parser.add_argument("--epochs-a", type=int, default=12, help="epochs for parts (a) and (c)")
+    parser.add_argument("--epochs-b", type=int, default=12, help="epochs for part (b)")
+    parser.add_argument("--only", default=None, help="comma-separated point names to run")
+    parser.add_argument("--fresh", action="store_true", help="delete earlier run directories")
+    parser.add_argument("--no-report", action="store_true", help="skip scripts/report.py")
+    args = parser.parse_args(argv)
+
+    points = study_points(args.epochs_a, args.epochs_b)
+    if args.only:
+        wanted = set(args.only.split(","))
+        points = [p for p in points if p.name in wanted]
+    seeds = list(range(args.seeds))
+    if args.fresh:
+        shutil.rmtree(RUNS_ROOT, ignore_errors=True)
+        shutil.rmtree(OUT, ignore_errors=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    start = time.perf_counter()
+    # Seed-major order: every point gets seed 0 before any gets seed 1, so a cut-short study
+    # still covers every point.
+    jobs = [(p, s) for s in seeds for p in points]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = list(pool.map(lambda job: run_one(*job, log), jobs))
+    wall = time.perf_counter() - start
+    failed = [f"{p.name}/seed{s}" for p, s, _, rc in results if rc != 0]
+
+    runs = collect(points, seeds)
+    (OUT / "runs.json").write_text(json.dumps({"runs": runs}, separators=(",", ":")) + "\n")
+    previous = OUT / "provenance.json"
+    old = json.loads(previous.read_text()) if previous.is_file() else {}
+    provenance = {
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]),
+        "git_sha": _git_sha(),
+        # Wall time of this invocation; runs reused from an earlier invocation cost nothing here,
+        # so the time of every invocation is kept.
+        "wall_s": round(wall, 1),
+        "invocations": [
+            *old.get("invocations", []),
+            {"wall_s": round(wall, 1), "ran": len([r for r in results if r[2] > 0])},
+        ],
+        "run_seconds": round(sum(r[2] for r in results), 1),
+        "jobs": args.jobs,
+        "seeds": args.seeds,
+        "epochs_a": args.epochs_a,
+        "epochs_b": args.epochs_b,
+        "common_overrides": COMMON,
+        "host": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "failed": failed,
+    }
+    previous.write_text(json.dumps(provenance, indent=2) + "\n")
+    log(f"study done in {wall:.0f} s; failed: {failed or 'none'}")
+    if not args.no_report:
+        subprocess.run([sys.executable, "scripts/report.py"], cwd=ROOT, check=False)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
