@@ -291,7 +291,11 @@ def _check_model(name: str) -> None:
 def _check_precision(precision: str, device: str) -> None:
     _choices(precision, PRECISIONS, "precision")
     _choices(device, DEVICES, "device")
-    if precision == "fp16" and device == "cpu":
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but CUDA is not available here; use device=auto or cpu")
+    if precision == "fp16" and (device == "cpu" or not torch.cuda.is_available()):
         raise ConfigError("precision=fp16 needs CUDA; use bf16 or fp32 on the CPU")
 
 
