@@ -265,10 +265,21 @@ def pgt_probs(logits: torch.Tensor, alpha: float) -> torch.Tensor:
 def stationary_threshold(p: torch.Tensor, alpha: float) -> torch.Tensor:
     """Lemma 1's threshold ``t = (sum_j p_j**alpha)**(1 / (alpha - 1))`` over the last dim.
 
-    ``p'_i >= p_i`` exactly when ``p_i <= t``. Defined for alpha in [0, 1); at alpha = 1 the
-    limit ``exp(sum_j p_j log p_j)`` (= exp(-entropy)) is returned. Computed in ``p``'s dtype.
+    ``p'_i >= p_i`` exactly when ``p_i <= t``. ``p`` is normalised to sum 1 first. At alpha = 1
+    the limit ``exp(sum_j p_j log p_j)`` (= exp(-entropy)) is returned. Near alpha = 1 the
+    exponent 1 / (alpha - 1) magnifies rounding in ``sum p**alpha`` (which tends to 1), so the
+    sum is taken as ``1 + sum_j (p_j**alpha - p_j)`` with each term ``p_j expm1((alpha-1) log
+    p_j)`` (all >= 0, no cancellation). Computed in ``p``'s dtype.
     """
     alpha = check_alpha(alpha)
+    w = p / p.sum(dim=-1, keepdim=True)
+    if alpha == 0.0:
+        # Proposition 1: t = 1/C (0**0 == 1 counts every class, as the paper's p > 0 does).
+        return w.pow(0.0).sum(dim=-1).reciprocal()
     if alpha == 1.0:
-        return torch.exp(torch.xlogy(p, p).sum(dim=-1))
-    return p.pow(alpha).sum(dim=-1).pow(1.0 / (alpha - 1.0))
+        return torch.exp(torch.xlogy(w, w).sum(dim=-1))
+    d = alpha - 1.0
+    x = d * torch.log(w)  # >= 0; +inf where w == 0
+    # w**alpha - w: the expm1 form where x is small (cancellation), the direct one elsewhere.
+    excess = torch.where(x < 1.0, w * torch.expm1(x), w.pow(alpha) - w)
+    return torch.exp(torch.log1p(excess.sum(dim=-1)) / d)
