@@ -16,6 +16,7 @@ import os
 import struct
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -247,6 +248,8 @@ def _wandb_records(path: Path) -> Iterator[Any]:
         if length == 0 and kind == 0:
             pos += left
             continue
+        if pos + header + length > len(data):  # a record still being written
+            return
         pending += data[pos + header : pos + header + length]
         pos += header + length
         if kind in (1, 4):  # FULL or LAST fragment
@@ -256,8 +259,11 @@ def _wandb_records(path: Path) -> Iterator[Any]:
             yield record
 
 
-def read_offline_run(run_dir: str | os.PathLike) -> dict[str, Any]:
+def read_offline_run(run_dir: str | os.PathLike, *, wait_s: float = 60.0) -> dict[str, Any]:
     """Read back what an offline wandb run under ``run_dir`` logged (the latest one).
+
+    ``run.finish()`` can return before wandb's service process has flushed the ``.wandb``
+    file, so this re-reads it for up to ``wait_s`` seconds until the run's exit record is there.
 
     Returns:
         ``{"id", "config", "tags", "group", "job_type", "history": [dict, ...], "summary",
@@ -267,6 +273,15 @@ def read_offline_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     roots = sorted(Path(run_dir).glob("wandb/offline-run-*"))
     if not roots:
         raise FileNotFoundError(f"no offline wandb run under {run_dir}/wandb")
+    deadline = time.monotonic() + wait_s
+    while True:
+        out = _read_store(roots)
+        if out["exit_code"] is not None or time.monotonic() > deadline:
+            return out
+        time.sleep(0.2)
+
+
+def _read_store(roots: list[Path]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "config": {},
         "history": [],
