@@ -1,0 +1,253 @@
+"""Every paper-row experiment and every sweep composes to the paper's recipe and trains for real.
+
+Composition is checked against results/paper.yaml (model, schedule, method, alpha, batch, label
+smoothing, recipe). Each config is then run for a few optimizer steps on CPU: in-process on tiny
+synthetic data (all rows: a step schedule needs 5 epochs for its milestones to fall inside), and
+through the real ``train.py`` CLI on the digits images (one row, and a whole alpha-grid
+multirun), so no row can rot.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from powergrad import distributed as pgdist
+from powergrad.build import build_context, prepare_runtime
+from powergrad.clip import AGC_DEFAULT_CLIP_FACTOR, GC_DEFAULT_MAX_NORM
+from powergrad.config import check_method, register_configs, validate_train
+from powergrad.engine import TrainState, fit
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import report  # noqa: E402
+
+register_configs()
+
+PAPER = report.load_paper(ROOT / "results" / "paper.yaml")
+ROWS = report.paper_rows(PAPER)
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
+SWEEPS = sorted(p.stem for p in (ROOT / "configs" / "sweep").glob("*.yaml"))
+ALPHA_SWEEPS = [s for s in SWEEPS if s.endswith("_alpha")]
+
+# Smoke mode: the row's own groups and recipe, shrunk to CPU, fp32, 8 random 32x32 images of
+# 10 classes per epoch in one batch (one optimizer step per epoch), no warmup, no wandb.
+SMOKE = [
+    "data=synthetic",
+    "data.num_classes=10",
+    "data.image_size=32",
+    "data.synthetic_train_images=8",
+    "data.synthetic_val_images=8",
+    "trainer.device=cpu",
+    "trainer.precision=fp32",
+    "trainer.batch_size=8",
+    "trainer.warmup_epochs=0",
+    "trainer.threads=1",
+    "trainer.progress=false",
+    "logger=none",
+]
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """prepare_runtime sets torch's thread count; give it back afterwards."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _compose(*overrides, hydra=False):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def _rows_of(experiment):
+    return [(table, row) for table, row in ROWS if row["experiment"] == experiment]
+
+
+def test_every_row_has_an_experiment_file_and_every_file_a_row():
+    named = {row["experiment"] for _, row in ROWS}
+    assert named == set(EXPERIMENTS)
+    # Table 3 rows shared with Table 1 reuse Table 1's file rather than copying it.
+    for _, row in ROWS:
+        if row.get("same_as"):
+            assert row["experiment"] == row["same_as"]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_to_the_papers_row(experiment, tmp_path):
+    cfg = _compose(f"experiment={experiment}", f"data.root={tmp_path}")
+    rows = _rows_of(experiment)
+    assert rows
+    for _, row in rows:
+        assert cfg.model.name == row["model"]
+        assert cfg.sched.name == row["sched"]
+        assert cfg.method.name == row["method"]
+        assert cfg.method.alpha == row["alpha"]
+        assert cfg.method.label_smoothing == row.get("label_smoothing", 0.0)
+        assert cfg.trainer.batch_size == row.get("batch", PAPER["recipe"]["global_batch"])
+    recipe = PAPER["recipe"]
+    assert cfg.trainer.epochs == recipe["epochs"]
+    assert cfg.trainer.warmup_epochs == recipe["warmup_epochs"]
+    assert cfg.sched.warmup_lr == recipe["warmup_lr"]
+    assert cfg.optim.lr_per_256 == recipe["lr_per_256"]
+    assert (cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.nesterov) == (0.9, 5e-4, True)
+    assert cfg.trainer.precision == "fp16"
+    assert (cfg.data.name, cfg.loader.backend) == ("imagenet", "dali")
+    assert cfg.experiment_name == experiment
+    check_method(cfg.method)
+    # The paper states no clipping thresholds: the files pin the cited defaults of clip.py.
+    expected = {"norm": GC_DEFAULT_MAX_NORM, "agc": AGC_DEFAULT_CLIP_FACTOR, "none": None}
+    assert cfg.method.clip_threshold == expected[cfg.method.clip_mode]
+    if cfg.sched.name == "step":
+        assert list(cfg.sched.milestones) == [0.3, 0.6, 0.9]  # epochs 30, 60, 90 of 100
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_header_names_row_numbers_and_cost(experiment):
+    text = (ROOT / "configs" / "experiment" / f"{experiment}.yaml").read_text()
+    header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    assert text.startswith("# @package _global_\n")
+    for table, row in _rows_of(experiment):
+        if row.get("same_as"):
+            assert f"Table 3 row {row['row']}" in header
+            continue
+        assert f"Table {table[-1]}" in header
+        assert f"train {row['train']:g} / test {row['test']:g}" in header
+        assert f"~{report.gpu_hours(row['model'], 100):.0f} V100-hours" in header
+    assert f"experiment={experiment}" in header
+
+
+@pytest.mark.parametrize("sweep", ALPHA_SWEEPS)
+def test_alpha_sweep_composes_to_a_50_epoch_grid(sweep, tmp_path):
+    cfg = _compose(f"+sweep={sweep}", f"data.root={tmp_path}", hydra=True)
+    spec = report.SWEEPS[sweep]
+    assert cfg.model.name == spec["model"]
+    assert cfg.trainer.epochs == spec["epochs"] == 50
+    assert cfg.method.name == "pgt"
+    grid = report.sweep_grid(sweep)
+    assert [float(a) for a in str(cfg.hydra.sweeper.params["method.alpha"]).split(",")] == grid
+    # The grid holds every alpha the paper reports and alpha 1 (the baseline).
+    assert {0.05, 0.25, 0.3, 0.92, 1.0} <= set(grid)
+    for alpha in grid:
+        method = OmegaConf.to_object(cfg.method)
+        method.alpha = alpha
+        check_method(method)
+
+
+def test_seeds_sweep_adds_three_seeds_to_any_row(tmp_path):
+    cfg = _compose("experiment=t3_row8", "+sweep=seeds", f"data.root={tmp_path}", hydra=True)
+    assert str(cfg.hydra.sweeper.params["seed"]) == "0,1,2"
+    assert cfg.method.alpha == 0.05 and cfg.method.label_smoothing == 0.1
+
+
+def _smoke_run(run_dir, *overrides):
+    cfg = _compose(*overrides, *SMOKE)
+    validate_train(cfg, world_size=1)
+    prepare_runtime(cfg)
+    run_dir.mkdir()
+    ctx = build_context(cfg, run_dir, pgdist.setup("cpu"))
+    return cfg, ctx, fit(ctx, TrainState())
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_trains_in_smoke_mode(experiment, tmp_path):
+    cfg0 = _compose(f"experiment={experiment}", "data.root=.")
+    # A step schedule's milestones (30/60/90% of the epochs) fall inside training from 5 epochs.
+    epochs = 5 if cfg0.sched.name == "step" else 2
+    cfg, ctx, summary = _smoke_run(
+        tmp_path / "run", f"experiment={experiment}", f"trainer.epochs={epochs}"
+    )
+    assert summary["epochs"] == epochs and summary["steps"] == epochs
+    assert math.isfinite(summary["train_loss"]) and math.isfinite(summary["val_loss"])
+    assert (summary["model"], summary["method"]) == (cfg0.model.name, cfg0.method.name)
+    assert summary["alpha"] == cfg0.method.alpha
+    assert summary["label_smoothing"] == cfg0.method.label_smoothing
+    assert summary["batch_size"] == 8 and summary["dataset"] == "synthetic"
+    assert ctx.clipper.mode == cfg0.method.clip_mode
+    if cfg0.method.clip_mode != "none":
+        assert ctx.clipper.threshold == cfg0.method.clip_threshold
+    assert cfg.experiment_name == experiment
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    history = [json.loads(x) for x in lines]
+    assert [r["epoch"] for r in history] == list(range(1, epochs + 1))
+
+
+@pytest.mark.parametrize("sweep", ALPHA_SWEEPS)
+def test_alpha_sweep_point_trains_in_smoke_mode(sweep, tmp_path):
+    _, _, summary = _smoke_run(
+        tmp_path / "run", f"+sweep={sweep}", "method.alpha=0.05", "trainer.epochs=2"
+    )
+    assert summary["alpha"] == 0.05 and math.isfinite(summary["train_loss"])
+
+
+def _cli(args, cwd, timeout=300):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_SERVICE")}
+    env.update(WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_table2_row_trains_on_digits_through_the_cli(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _cli(
+        [
+            "experiment=t2_b256_agc_pgt",
+            "data=digits",
+            "loader=torch",
+            "loader.workers=0",
+            *[o for o in SMOKE if not o.startswith("data")],
+            "trainer.batch_size=256",  # the row's batch: 5 steps over the 1,437 digits
+            "trainer.epochs=1",
+            "trainer.filter_norms_every_steps=5",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["model"], summary["method"], summary["alpha"]) == (
+        "resnet18_nonorm",
+        "agc_pgt",
+        0.25,
+    )
+    assert summary["steps"] == 1437 // 256 and summary["val_images"] == 360
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["experiment_name"] == "t2_b256_agc_pgt"
+    assert config["method"]["clip_threshold"] == AGC_DEFAULT_CLIP_FACTOR
+    norms = [json.loads(x) for x in (run_dir / "filter_norms.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in norms] == [5]
+    assert len(norms[0]["layers"]) == 20  # the paper's numbering of ResNet-18's convs
+
+
+@pytest.mark.slow
+def test_alpha_sweep_multirun_runs_every_grid_point(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    proc = _cli(
+        [
+            "-m",
+            "+sweep=resnet18_alpha",
+            *SMOKE,
+            "trainer.epochs=1",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = [json.loads(p.read_text()) for p in sweep_dir.glob("*/summary.json")]
+    assert sorted(s["alpha"] for s in summaries) == report.sweep_grid("resnet18_alpha")
+    assert all(s["epochs"] == 1 and s["model"] == "resnet18" for s in summaries)
