@@ -36,13 +36,15 @@ class LogitStats:
     def update(self, logits: torch.Tensor) -> None:
         """Add a batch of logits (N x C)."""
         z = logits.detach().double()
+        # Counts are filled on the device: new_tensor(count) would copy a host scalar with a
+        # blocking H2D memcpy, a host sync per call on CUDA.
         batch = torch.stack(
             [
                 torch.linalg.vector_norm(z, dim=1).sum(),
-                z.new_tensor(z.shape[0]),
+                torch.full((), z.shape[0], dtype=z.dtype, device=z.device),
                 z.sum(),
                 z.square().sum(),
-                z.new_tensor(z.numel()),
+                torch.full((), z.numel(), dtype=z.dtype, device=z.device),
             ]
         )
         self.sums += batch

@@ -81,7 +81,9 @@ class EpochMeter:
             [
                 torch.where(finite, loss.double() * n, 0.0),
                 correct.double(),
-                loss.new_tensor(n, dtype=torch.float64),
+                # Filled on the device: new_tensor(n) copies a host scalar with a blocking
+                # H2D memcpy, a host sync every step on CUDA.
+                torch.full((), n, dtype=torch.float64, device=loss.device),
                 (~finite).double(),
             ]
         )
@@ -264,7 +266,7 @@ def evaluate(
                 F.cross_entropy(logits, target, reduction="sum").double(),
                 hits[:, 0].sum().double(),
                 hits.any(dim=1).sum().double(),
-                sums.new_tensor(target.shape[0]),
+                torch.full((), target.shape[0], dtype=sums.dtype, device=device),  # no H2D sync
             ]
         )
         stats.update(logits)
