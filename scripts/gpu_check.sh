@@ -5,9 +5,9 @@
 # peak GPU memory, and the GPU-marked tests. See scripts/gpu_check.py.
 #
 # 1. Here (with network), once: fetch the wheels the GPU image lacks into the git-ignored .whl/
-#    (hydra-core, omegaconf, antlr4; the image already has torch, torchvision, timm, pytest,
-#    hypothesis, scikit-learn, tqdm; wandb is only imported when logger=wandb, DALI never on the
-#    torch/synthetic path and is too large to travel anyway):
+#    hydra-core, omegaconf, antlr4 and timm (our pinned version), 3.1 MB in all. The image already
+#    has torch, torchvision, pytest, hypothesis, scikit-learn and tqdm; wandb is imported only for
+#    logger=wandb; DALI is never imported on the torch/synthetic path (and is too large to travel):
 #        bash scripts/gpu_check.sh --fetch-wheels
 # 2. On the GPU machine (device tool: carry [".whl"], timeout_s ~420):
 #        bash scripts/gpu_check.sh --out $OUT/gpu_check.json
@@ -20,7 +20,7 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
     # The GPU image runs CPython 3.12 on x86-64; these are pure-Python wheels.
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
         --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
-        -d .whl hydra-core==1.3.8 omegaconf==2.3.1
+        -d .whl hydra-core==1.3.8 omegaconf==2.3.1 timm==1.0.31
     # antlr4 4.9.3 (the version omegaconf 2.3 requires) is published as a source archive only:
     # build its pure-Python wheel here.
     python3 -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3
