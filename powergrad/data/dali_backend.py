@@ -33,6 +33,7 @@ from powergrad.data.sampling import (
     derive_seed,
     epoch_permutation,
     shard_range,
+    sharded_order,
     train_steps,
 )
 
@@ -164,7 +165,11 @@ class DaliTrainLoader:
         return self.steps
 
     def _build(self, epoch: int, checkpoint: bytes | None) -> DALIGenericIterator:
-        order = epoch_permutation(len(self.files), self.seed, epoch)
+        # Cut to full global batches and laid out so the reader's contiguous shard r holds rank
+        # r's slice of every global batch (see powergrad.data.sampling).
+        order = sharded_order(
+            epoch_permutation(len(self.files), self.seed, epoch), self.batch_size, self.world_size
+        )
         pipe = train_pipeline(
             [self.files[i] for i in order],
             [self.labels[i] for i in order],

@@ -1,9 +1,14 @@
-"""Sample order shared by every backend: one global permutation per epoch, sharded by rank.
+"""Sample order shared by every backend: one global permutation per epoch, split by batch.
 
 Both the DALI file reader and the torch sampler read the same per-epoch order, so the two
-backends see the same images in the same batches. A rank's shard is the contiguous range
-[floor(rank * N / W), floor((rank + 1) * N / W)) of that order: exactly how DALI's readers
-split a file list across `num_shards`.
+backends see the same images in the same batches. Global batch b (W x B images for W ranks of
+B) is the slice [b * W * B, (b + 1) * W * B) of that order and rank r reads the r-th B-image
+slice of it (:func:`rank_batches`). So the union of the ranks' batch b is batch b of a single
+process with batch W x B: the sequence of global batches does not depend on the world size
+(the two-process DDP equivalence test relies on it). DALI's reader splits a file list into
+contiguous shards [floor(r * N / W), floor((r + 1) * N / W)); it is handed the order that
+:func:`sharded_order` lays out so that its shard r is exactly rank r's batches.
+Validation keeps contiguous shards (:func:`shard_range`): no order matters there.
 """
 
 from __future__ import annotations
@@ -31,6 +36,21 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
 def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
     """[start, stop) of rank's contiguous shard of n samples (DALI's reader sharding)."""
     return n * rank // world_size, n * (rank + 1) // world_size
+
+
+def rank_batches(order: np.ndarray, batch_size: int, rank: int, world_size: int) -> np.ndarray:
+    """Rank's samples of one epoch in reading order: its slice of every full global batch."""
+    steps = train_steps(len(order), batch_size, world_size)
+    used = np.asarray(order)[: steps * batch_size * world_size]
+    return used.reshape(steps, world_size, batch_size)[:, rank].reshape(-1)
+
+
+def sharded_order(order: np.ndarray, batch_size: int, world_size: int) -> np.ndarray:
+    """``order`` rearranged (and cut to full global batches) so that a reader splitting it into
+    ``world_size`` contiguous shards gives rank r exactly :func:`rank_batches` (r)."""
+    return np.concatenate(
+        [rank_batches(order, batch_size, r, world_size) for r in range(world_size)]
+    )
 
 
 def train_steps(n: int, batch_size: int, world_size: int) -> int:

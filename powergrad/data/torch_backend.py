@@ -21,6 +21,7 @@ from powergrad.data.sampling import (
     STREAM_AUGMENT,
     derive_seed,
     epoch_permutation,
+    rank_batches,
     shard_range,
     train_steps,
 )
@@ -99,10 +100,10 @@ class _EpochBatches(Sampler):
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         order = epoch_permutation(self.n, self.seed, self.epoch)
-        start, _ = shard_range(self.n, self.rank, self.world_size)
+        mine = rank_batches(order, self.batch_size, self.rank, self.world_size)
         for b in range(self.start_batch, self.steps):
-            lo = start + b * self.batch_size
-            yield [(self.epoch, int(i)) for i in order[lo : lo + self.batch_size]]
+            lo = b * self.batch_size
+            yield [(self.epoch, int(i)) for i in mine[lo : lo + self.batch_size]]
 
 
 def _collate(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
