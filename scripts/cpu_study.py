@@ -306,17 +306,24 @@ def main(argv: list[str] | None = None) -> int:
     (out / "runs.json").write_text(json.dumps({"runs": runs}, separators=(",", ":")) + "\n")
     previous = out / "provenance.json"
     old = json.loads(previous.read_text()) if previous.is_file() else {}
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])])
+    # A resumed study reuses earlier invocations' runs, so every invocation is kept and the
+    # study's wall time is their sum.
+    invocations = [
+        *old.get("invocations", []),
+        {
+            "command": command,
+            "git_sha": _git_sha(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - wall)),
+            "wall_s": round(wall, 1),
+            "ran": len([r for r in results if r[2] > 0]),
+        },
+    ]
     provenance = {
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]),
-        "git_sha": _git_sha(),
-        # Wall time of this invocation; runs reused from an earlier invocation cost nothing here,
-        # so the time of every invocation is kept.
-        "wall_s": round(wall, 1),
-        "invocations": [
-            *old.get("invocations", []),
-            {"wall_s": round(wall, 1), "ran": len([r for r in results if r[2] > 0])},
-        ],
-        "run_seconds": round(sum(r[2] for r in results), 1),
+        "command": command,
+        "git_sha": invocations[-1]["git_sha"],
+        "wall_s_total": round(sum(i["wall_s"] for i in invocations), 1),
+        "invocations": invocations,
         "jobs": args.jobs,
         "seeds": args.seeds,
         "epochs_a": args.epochs_a,

@@ -647,11 +647,13 @@ def render_cpu_study(
         "",
         f"- command: `{prov.get('command', '?')}`",
         f"- git SHA: `{prov.get('git_sha', '?')}`",
-        f"- wall time of the invocation: {prov.get('wall_s', float('nan')):.0f} s with "
-        f"{prov.get('jobs', '?')} runs at a time ({len(prov.get('invocations', []))} "
-        f"invocation(s): "
-        + ", ".join(f"{i['wall_s']:.0f} s" for i in prov.get("invocations", []))
-        + f"); training time summed over runs: {run_seconds:.0f} s",
+        f"- wall time: {_wall_total(prov):.0f} s with {prov.get('jobs', '?')} runs at a time, "
+        "over the invocations: "
+        + "; ".join(
+            f"{i.get('started', '?')} {i['wall_s']:.0f} s ({i['ran']} runs trained)"
+            for i in prov.get("invocations", [])
+        )
+        + f". Training time summed over the runs: {run_seconds:.0f} s",
         f"- host: {prov.get('host', {}).get('platform', '?')}, "
         f"{prov.get('host', {}).get('cpus', '?')} CPUs (shared with other jobs)",
         f"- finished: {prov.get('finished', '?')}; failed runs: {prov.get('failed') or 'none'}",
@@ -899,6 +901,11 @@ def render_cpu_study(
     text = "\n".join(md) + "\n"
     (cpu_dir / "README.md").write_text(text)
     return text
+
+
+def _wall_total(prov: dict[str, Any]) -> float:
+    """The study's wall time: the sum over its (resumed) invocations, seconds."""
+    return float(prov.get("wall_s_total", prov.get("wall_s", float("nan"))))
 
 
 def _at(points: dict[float, list[dict]], alpha: float, key: str) -> str:

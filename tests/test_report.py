@@ -196,7 +196,7 @@ def test_cpu_study_script_end_to_end(tmp_path):
     agc = next(r for r in data if r["point"] == "b_b512_agc")
     assert len(agc["filter_norms"]["zeroed"][-1]) == 20  # the paper's 20 conv layers
     prov = json.loads((out / "provenance.json").read_text())
-    assert "scripts/cpu_study.py --only" in prov["command"] and prov["wall_s"] > 0
+    assert "scripts/cpu_study.py --only" in prov["command"] and prov["wall_s_total"] > 0
     assert prov["git_sha"] != "unknown"
     assert "## (a)" in (out / "README.md").read_text()
     # Rerunning resumes: every run is finished, nothing trains again.
