@@ -65,6 +65,9 @@ def runs_root(tmp_path_factory):
     _train(root / "pgt0", "experiment=t1_resnet18_cosine_pgt", "seed=0")
     _train(root / "pgt1", "experiment=t1_resnet18_cosine_pgt", "seed=1")
     _train(root / "base0", "experiment=t1_resnet18_cosine_baseline", "seed=0")
+    # Two points of the ResNet-18 alpha grid (one process per point, as a multirun would).
+    _train(root / "sweep_a005", "+sweep=resnet18_alpha", "method.alpha=0.05")
+    _train(root / "sweep_a1", "+sweep=resnet18_alpha", "method.alpha=1.0")
     torch.set_num_threads(threads)
     return root
 
@@ -108,6 +111,11 @@ def test_tables_put_our_runs_beside_the_papers_and_say_not_run_elsewhere(runs_ro
     # Fig. 3 for the row that ran, beside its baseline.
     png = tmp_path / "figures" / "fig3_t1_resnet18_cosine_pgt.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The alpha grid that ran: its accuracy / loss / logit norm vs alpha figure and its status.
+    assert (tmp_path / "figures" / "resnet18_alpha.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "figures" / "resnet50_alpha.png").exists()
+    grid_line = next(ln for ln in rows.splitlines() if "+sweep=resnet18_alpha" in ln)
+    assert "see figures" in grid_line
 
 
 def test_runs_on_another_dataset_never_fill_a_paper_row(runs_root, tmp_path):
