@@ -219,7 +219,10 @@ def _unique_stamp() -> str:
 
 
 def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    from powergrad.distributed import env_world
+
+    # torchrun's RANK, or the task's rank in a submitit (SLURM) job.
+    return env_world()[0]
 
 
 def default_run_dir(root: str = OUTPUTS_ROOT) -> str:
@@ -260,7 +263,10 @@ def register_configs() -> None:
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
+            # The sweep dir is cached in the config: Hydra copies the launching process's
+            # resolver cache into each job's config, so jobs run by submitit in other processes
+            # (and requeued ones) land in the sweep dir the launcher created, not a new one.
+            OmegaConf.register_new_resolver(name, fn, use_cache=name == "pg.sweep_dir")
 
 
 def _choices(value: Any, valid: tuple[str, ...] | list[str], key: str) -> None:
@@ -370,9 +376,13 @@ def validate_train(cfg: DictConfig, world_size: int | None = None) -> None:
 
     Args:
         cfg: the composed config (struct mode).
-        world_size: number of ranks; read from $WORLD_SIZE when None.
+        world_size: number of ranks; from torchrun's or submitit's environment when None.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    if world_size is None:
+        from powergrad.distributed import env_world
+
+        world_size = env_world()[1]
+    world = world_size
     _check_model(cfg.model.name)
     check_method(cfg.method)
     _check_data(cfg)

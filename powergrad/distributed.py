@@ -1,8 +1,16 @@
-"""Process-group setup from torchrun's environment variables, and the few collectives we need.
+"""Process-group setup from the launcher's environment, and the few collectives we need.
 
-Only RANK / WORLD_SIZE / LOCAL_RANK (and MASTER_ADDR / MASTER_PORT, read by ``env://``) are
-used: no custom launcher. Without them this is a single process and every helper is a no-op.
-Rank 0 alone logs and writes files.
+Where the ranks come from, first match wins:
+
+1. torchrun (one node or many): RANK / WORLD_SIZE / LOCAL_RANK, plus MASTER_ADDR / MASTER_PORT
+   read by ``env://``.
+2. A submitit job (Hydra's ``submitit_slurm`` / ``submitit_local`` launchers, one task per GPU):
+   submitit's job environment (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID under SLURM), with
+   MASTER_ADDR = the job's first node and MASTER_PORT derived from the job id, exported by
+   :class:`submitit.helpers.TorchDistributedEnvironment` before ``env://`` reads them.
+3. Neither: a single process, and every helper is a no-op.
+
+No custom launcher. Rank 0 alone logs and writes files.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ __all__ = [
     "env_world",
     "gather_objects",
     "is_main",
+    "launcher",
     "setup",
 ]
 
@@ -48,13 +57,35 @@ class DistInfo:
         return self.world_size > 1
 
 
+def _torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _submitit() -> bool:
+    # Set by submitit in every task of a job it started (values: "slurm", "local").
+    return bool(os.environ.get("SUBMITIT_EXECUTOR"))
+
+
 def env_world() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) without torchrun."""
-    return (
-        int(os.environ.get("RANK", "0")),
-        int(os.environ.get("WORLD_SIZE", "1")),
-        int(os.environ.get("LOCAL_RANK", "0")),
-    )
+    """(rank, world_size, local_rank): torchrun's variables, else the submitit job's tasks,
+    else (0, 1, 0)."""
+    if _torchrun():
+        return (
+            int(os.environ["RANK"]),
+            int(os.environ["WORLD_SIZE"]),
+            int(os.environ.get("LOCAL_RANK", "0")),
+        )
+    if _submitit():
+        from submitit import JobEnvironment
+
+        job = JobEnvironment()
+        return job.global_rank, job.num_tasks, job.local_rank
+    return 0, 1, 0
+
+
+def launcher() -> str:
+    """Who started this process: ``torchrun``, ``submitit`` or ``single``."""
+    return "torchrun" if _torchrun() else "submitit" if _submitit() else "single"
 
 
 def pick_device(preference: str, local_rank: int = 0) -> torch.device:
@@ -67,10 +98,16 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
 
 
 def setup(device_preference: str = "auto") -> DistInfo:
-    """Pick the device and, when WORLD_SIZE > 1, join the process group.
+    """Pick the device and, when the job has more than one rank, join the process group.
 
     Backend: NCCL on GPU, gloo on CPU. Idempotent: a second call reuses the group.
     """
+    if not _torchrun() and _submitit() and env_world()[1] > 1:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        # Every task of the job derives the same MASTER_ADDR (first node) and MASTER_PORT
+        # (seeded by the job id); CUDA_VISIBLE_DEVICES is left alone: rank r uses cuda:LOCAL_RANK.
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     rank, world_size, local_rank = env_world()
     device = pick_device(device_preference, local_rank)
     if device.type == "cuda":
