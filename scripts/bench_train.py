@@ -294,11 +294,16 @@ def bench_model(model: str, args: argparse.Namespace, tmp: Path) -> dict:
 
 
 def _tree_rss_kib(pid: int) -> tuple[int, int]:
-    """(VmHWM of ``pid``, summed VmRSS of ``pid`` and its descendants), KiB, from /proc."""
+    """(VmHWM of ``pid``, summed Pss of ``pid`` and its descendants), KiB, from /proc.
 
-    def field(p: int, key: str) -> int:
+    Pss (proportional set size) splits pages shared between processes among them: forked loader
+    workers share most of the parent's pages copy-on-write, so summing their RSS would count
+    torch's ~0.5 GB of libraries once per worker.
+    """
+
+    def field(p: int, key: str, name: str = "status") -> int:
         try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            for line in Path(f"/proc/{p}/{name}").read_text().splitlines():
                 if line.startswith(key):
                     return int(line.split()[1])
         except (OSError, ValueError):
@@ -318,7 +323,7 @@ def _tree_rss_kib(pid: int) -> tuple[int, int]:
     total, todo = 0, [pid]
     while todo:
         p = todo.pop()
-        total += field(p, "VmRSS:")
+        total += field(p, "Pss:", "smaps_rollup")
         todo += children(p)
     return field(pid, "VmHWM:"), total
 
@@ -338,7 +343,7 @@ def peak_rss(cmd: list[str], cwd: Path, env: dict[str, str]) -> dict:
     return {
         "command": " ".join(cmd),
         "peak_rss_main_mib": hwm / 1024,
-        "peak_rss_tree_mib": tree / 1024,
+        "peak_pss_tree_mib": tree / 1024,
         "wall_s": time.perf_counter() - t0,
     }
 
@@ -440,17 +445,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     random.seed(0)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_train-") as tmp:
-        for model in args.models.split(","):
+        for model in [m for m in args.models.split(",") if m]:  # "" with --rss: memory only
             res = bench_model(model, args, Path(tmp))
             _print_table(res)
             print(json.dumps(res))
             results.append(res)
         if args.rss:
             rss = rss_report(args, Path(tmp))
-            print("\npeak RSS (MiB): main process / process tree incl. loader workers")
+            print("\npeak memory (MiB): main process RSS / process tree PSS incl. loader workers")
             for name, r in rss.items():
                 print(
-                    f"  {name:<20}{r['peak_rss_main_mib']:>9.1f} /{r['peak_rss_tree_mib']:>9.1f}"
+                    f"  {name:<20}{r['peak_rss_main_mib']:>9.1f} /{r['peak_pss_tree_mib']:>9.1f}"
                     f"   ({r['wall_s']:.0f} s: {r['command']})"
                 )
             print(json.dumps({"peak_rss": rss}))
