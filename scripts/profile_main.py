@@ -9,13 +9,15 @@ Sections (each prints a table and one JSON line):
            vs. before the seeding fix, interleaved.
   step     where one main-job training step's time goes (torch.profiler, CPU): forward,
            backward, optimizer, the trainer's per-step bookkeeping (meter, scheduler).
+  overhead the trainer's per-step work beyond a minimal loop, timed alone (us per step) and
+           as a fraction of the minimal step's CPU time on the same shapes.
 
 For a whole-process picture of the main job use py-spy (not a project dependency):
     pip install py-spy
     py-spy record --format raw -o main.txt --subprocesses -- \
         python train.py logger=none trainer.progress=false trainer.epochs=3
 
-Usage: python scripts/profile_main.py [--sections sample,loader,step] [--rounds 15]
+Usage: python scripts/profile_main.py [--sections sample,loader,step,overhead] [--rounds 15]
 """
 
 from __future__ import annotations
@@ -155,15 +157,99 @@ def section_step(rounds: int, tmp: Path) -> dict:
     }
 
 
+def section_overhead(rounds: int, tmp: Path) -> dict:
+    """The trainer's per-step work beyond a minimal loop, timed alone on real components.
+
+    Per step, train_one_epoch adds to forward / loss / zero_grad / backward / optimizer.step:
+    a disabled autocast context, GradScaler calls (no-ops unless fp16), the clipper (no-op for
+    method=baseline/pgt), the timm scheduler's step_update, EpochMeter.update (loss, top-1 and
+    LogitStats sums on the device) and the loader generator. Timed here in a loop of 1000 steps
+    against the minimal step's time on the same shapes, so the ratio is not buried in the noise
+    of whole-step timings on a shared CPU. The PGT loss's extra cost is scripts/bench_pgt.py's.
+    """
+    from bench_train import build_minimal, build_ours, compose_config
+
+    from powergrad.engine import EpochMeter, _autocast
+
+    out = {}
+    for label, model, size, batch, classes in (
+        ("main_job_resnet18_32px_b128_c10", "resnet18", 32, 128, 10),
+        ("bench_resnet18_128px_b16_c1000", "resnet18", 128, 16, 1000),
+        ("bench_resnet50_128px_b16_c1000", "resnet50", 128, 16, 1000),
+    ):
+        cfg = compose_config(
+            model,
+            "baseline",
+            image_size=size,
+            batch=batch,
+            steps=1,
+            precision="fp32",
+            channels_last=False,
+            compile=False,
+            device="cpu",
+            threads=1,
+            extra=(f"data.num_classes={classes}",),
+        )
+        ctx, _ = build_ours(cfg, tmp / label)
+        images, target = ctx.train_loader.batch
+        _, _, run = build_minimal(cfg, images, target, classes)
+        run(1)
+        step_s = []
+        for _ in range(3):
+            c0 = time.process_time()
+            run(1)
+            step_s.append(time.process_time() - c0)
+        logits = torch.randn(batch, classes)
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        meter = EpochMeter(torch.device("cpu"))
+
+        def loader(batch=(images, target)):
+            while True:
+                yield batch
+
+        batches = loader()
+        reps, samples = 1000, []
+        for _ in range(max(rounds, 5)):
+            c0 = time.process_time()
+            for step in range(reps):
+                _, y = next(batches)
+                with _autocast(ctx.dist.device, ctx.amp_dtype):
+                    z = logits.float()
+                scaled = ctx.scaler.scale(loss)
+                ctx.scaler.unscale_(ctx.optimizer)
+                ctx.clipper()
+                ctx.scaler.update()
+                ctx.scheduler.step_update(num_updates=step)
+                meter.update(scaled.detach(), z.detach(), y)
+            samples.append((time.process_time() - c0) / reps)
+        overhead = statistics.median(samples)
+        step = statistics.median(step_s)
+        out[label] = {
+            "trainer_overhead_us_per_step": overhead * 1e6,
+            "minimal_step_ms": step * 1e3,
+            "overhead_fraction_of_step": overhead / step,
+        }
+        print(
+            f"{label:<34} overhead {overhead * 1e6:8.1f} us/step   minimal step "
+            f"{step * 1e3:8.1f} ms   fraction {overhead / step:.5%}"
+        )
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sections", default="sample,loader,step")
+    ap.add_argument("--sections", default="sample,loader,step,overhead")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(ROOT / "scripts"))
-    fns = {"sample": section_sample, "loader": section_loader, "step": section_step}
+    fns = {
+        "sample": section_sample,
+        "loader": section_loader,
+        "step": section_step,
+        "overhead": section_overhead,
+    }
     report = {"loadavg_1min_before": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(prefix="profile_main-") as tmp:
         for name in args.sections.split(","):
