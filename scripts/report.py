@@ -522,7 +522,7 @@ def plot_filter_norms(runs: dict[str, dict], path: Path, title: str = "") -> Non
     ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
@@ -650,10 +650,12 @@ def render_cpu_study(
         f"- wall time: {_wall_total(prov):.0f} s with {prov.get('jobs', '?')} runs at a time, "
         "over the invocations: "
         + "; ".join(
-            f"{i.get('started', '?')} {i['wall_s']:.0f} s ({i['ran']} runs trained)"
+            f"{i.get('started', 'start time not recorded')}: {i['wall_s']:.0f} s "
+            f"({i['ran']} runs trained)"
             for i in prov.get("invocations", [])
         )
-        + f". Training time summed over the runs: {run_seconds:.0f} s",
+        + _unrecorded(prov, runs)
+        + f". Training time summed over the finished runs: {run_seconds:.0f} s",
         f"- host: {prov.get('host', {}).get('platform', '?')}, "
         f"{prov.get('host', {}).get('cpus', '?')} CPUs (shared with other jobs)",
         f"- finished: {prov.get('finished', '?')}; failed runs: {prov.get('failed') or 'none'}",
@@ -823,11 +825,19 @@ def render_cpu_study(
             )
             mn = mean_std(min(r["filter_norms"]["min_norm"]) for r in ok if r.get("filter_norms"))
             alpha = "-" if rs[0]["alpha"] is None else f"{rs[0]['alpha']:g}"
+            # A point whose every run diverged has no accuracy: say so rather than "not run".
+            none = "diverged" if not ok and _diverged(rs) else NOT_RUN
+            cells = [
+                fmt_ms(_stat(rs, "train_top1")),
+                fmt_ms(_stat(rs, "val_top1")),
+                fmt_ms(zero, 1),
+                fmt_ms(coll, 1),
+                fmt_ms(mn, 3),
+            ]
+            cells = [none if c == NOT_RUN else c for c in cells]
             md.append(
                 f"| {rs[0]['batch']} | {METHOD_NAMES[rs[0]['method']]} | {alpha} | {len(ok)} | "
-                f"{sum(r['status'] == 'diverged' for r in rs)} | "
-                f"{fmt_ms(_stat(rs, 'train_top1'))} | {fmt_ms(_stat(rs, 'val_top1'))} | "
-                f"{fmt_ms(zero, 1)} | {fmt_ms(coll, 1)} | {fmt_ms(mn, 3)} |"
+                f"{_diverged(rs)} | " + " | ".join(cells) + " |"
             )
         total_zero = sum(
             sum(r["filter_norms"]["zeroed"][-1])
@@ -864,11 +874,25 @@ def render_cpu_study(
         for batch, methods in sorted(by_batch.items()):
             base = methods.get("baseline", [])
             parts = []
+            sorted_out: dict[str, list[str]] = defaultdict(list)
             for m in ("pgt", "agc", "agc_pgt"):
                 if m in methods:
-                    d = fmt_delta(_stat(methods[m], "val_top1"), _stat(base, "val_top1"))
                     v = verdict(_stat(methods[m], "val_top1"), _stat(base, "val_top1"))
-                    parts.append(f"{METHOD_NAMES[m]} {d} ({v})")
+                    if _diverged(methods[m]) == len(methods[m]) or v.startswith("lower ("):
+                        sorted_out["is contradicted for"].append(METHOD_NAMES[m])
+                    elif v.startswith("higher ("):
+                        sorted_out["holds for"].append(METHOD_NAMES[m])
+                    else:
+                        sorted_out["is within noise for"].append(METHOD_NAMES[m])
+                    rs = methods[m]
+                    d = fmt_delta(_stat(rs, "val_top1"), _stat(base, "val_top1"))
+                    v = verdict(_stat(rs, "val_top1"), _stat(base, "val_top1"))
+                    div = _diverged(rs)
+                    if div == len(rs):
+                        parts.append(f"{METHOD_NAMES[m]} diverged in all {div} runs")
+                        continue
+                    note = f"; {div} of {len(rs)} runs diverged, not counted" if div else ""
+                    parts.append(f"{METHOD_NAMES[m]} {d} ({v}{note})")
             claims.append(
                 f"- **Table 2, batch {batch}: PGT, AGC and AGC + PGT beat the non-BN baseline "
                 f"on test accuracy** (paper at 256: "
@@ -878,6 +902,8 @@ def render_cpu_study(
                 )
                 + "): val deltas here: "
                 + "; ".join(parts)
+                + ". At this scale the claim "
+                + "; ".join(f"{k} {', '.join(v)}" for k, v in sorted_out.items())
                 + "."
             )
         for batch, methods in sorted(by_batch.items()):
@@ -919,11 +945,31 @@ def _at(points: dict[float, list[dict]], alpha: float, key: str) -> str:
     return "n/a" if stat is None else f"{stat[0]:.3f}"
 
 
-def _holds(*verdicts: str) -> str:
-    if all(v.startswith("higher (") for v in verdicts):
+def _unrecorded(prov: dict[str, Any], runs: list[dict]) -> str:
+    """A note when some runs were trained by an invocation that was stopped before it wrote
+    provenance.json (its wall time is then missing from the total)."""
+    done = sum(r["status"] in ("ok", "diverged") for r in runs)
+    ran = sum(i.get("ran", 0) for i in prov.get("invocations", []))
+    if prov and done > ran:
+        return f" (+{done - ran} runs from an interrupted invocation whose wall time is not here)"
+    return ""
+
+
+def _diverged(runs: list[dict]) -> int:
+    return sum(r["status"] == "diverged" for r in runs)
+
+
+def _holds(train: str, test: str) -> str:
+    """Verdict on "PGT raises train and test accuracy" from the two comparisons."""
+    up = {k: v.startswith("higher (") for k, v in (("train", train), ("test", test))}
+    down = {k: v.startswith("lower (") for k, v in (("train", train), ("test", test))}
+    if all(up.values()):
         return "Holds at this scale."
-    if any(v.startswith("lower (") for v in verdicts):
-        return "Contradicted at this scale."
+    if any(down.values()):
+        return "Contradicted at this scale (" + " and ".join(k for k in down if down[k]) + ")."
+    if any(up.values()):
+        held = " and ".join(k for k in up if up[k])
+        return f"Partly: the {held}-accuracy rise holds; the other is within noise."
     return "Not resolved at this scale (differences within noise)."
 
 
