@@ -13,13 +13,15 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from powergrad import distributed as pgdist
+from powergrad import preemption
 from powergrad.build import CONFIG_FILE, run_training
 from powergrad.checkpoint import LAST
 from powergrad.config import ConfigError, register_configs, validate_train
 from powergrad.data import DatasetError
+from powergrad.tracking import config_key
 
 register_configs()
 
@@ -29,17 +31,27 @@ def train(cfg: DictConfig) -> dict:
     validate_train(cfg)
     info = pgdist.setup(cfg.trainer.device)
     hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if multirun and cfg.trainer.resume:
+        raise ConfigError("trainer.resume continues one run; run it without -m / --multirun")
     # Rank 0's directory is the run's (other ranks only read from it); a resume continues in place.
     run_dir = Path(cfg.trainer.resume or pgdist.broadcast_object(hydra_cfg.runtime.output_dir))
     run_dir = run_dir.expanduser().resolve()
     taken = info.is_main and any((run_dir / f).exists() for f in (CONFIG_FILE, LAST))
     if not cfg.trainer.resume and pgdist.broadcast_object(taken):
-        raise ConfigError(f"{run_dir} already holds a run; trainer.resume={run_dir} continues it")
-    multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    if multirun and cfg.trainer.resume:
-        raise ConfigError("trainer.resume continues one run; run it without -m / --multirun")
+        # A job requeued after preemption starts again in its own directory (the sweep job's
+        # or the same hydra.run.dir) and continues from its checkpoint there.
+        resume = info.is_main and preemption.should_resume(run_dir, cfg.trainer.auto_resume)
+        if not pgdist.broadcast_object(resume):
+            raise ConfigError(
+                f"{run_dir} already holds a run; trainer.resume={run_dir} continues it"
+            )
+        print(f"resuming {run_dir} from its last checkpoint", file=sys.stderr)
+        cfg.trainer.resume = str(run_dir)
     group = Path(hydra_cfg.sweep.dir).name if multirun else None
-    return run_training(cfg, run_dir, info, group=group)
+    # Seeds of one configuration share the wandb job_type, so the dashboard averages them.
+    job_type = config_key(OmegaConf.to_container(cfg, resolve=True)) if multirun else None
+    return run_training(cfg, run_dir, info, group=group, job_type=job_type)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
@@ -50,6 +62,10 @@ def main(cfg: DictConfig) -> float | None:
     except (ConfigError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except preemption.Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        pgdist.cleanup()
+        preemption.exit_for_requeue(e)
     finally:
         pgdist.cleanup()
 

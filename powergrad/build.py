@@ -22,6 +22,7 @@ from powergrad.engine import EpochMeter, TrainContext, TrainState, fit, restore
 from powergrad.method import build_clipper, build_criterion, method_tags
 from powergrad.models import build_model
 from powergrad.optim import build_optimizer, build_scheduler
+from powergrad.preemption import MARKER, Preempted, PreemptionWatcher
 from powergrad.tracking import Tracker, git_sha
 
 __all__ = ["CONFIG_FILE", "build_context", "prepare_runtime", "run_training"]
@@ -48,6 +49,7 @@ def build_context(
     info: pgdist.DistInfo,
     *,
     group: str | None = None,
+    job_type: str | None = None,
     wandb_id: str | None = None,
 ) -> TrainContext:
     """Loaders, model (DDP / compiled as configured), optimizer, schedule, method, tracker."""
@@ -93,6 +95,7 @@ def build_context(
         cfg.logger,
         tags=[f"model:{cfg.model.name}", *method_tags(m), f"sched:{s.name}"],
         group=cfg.experiment_name or group,
+        job_type=job_type,
         run_id=wandb_id,
         enabled=info.is_main,
         git_sha=sha,
@@ -132,11 +135,18 @@ def build_context(
 
 
 def run_training(
-    cfg: DictConfig, run_dir: Path, info: pgdist.DistInfo, *, group: str | None = None
+    cfg: DictConfig,
+    run_dir: Path,
+    info: pgdist.DistInfo,
+    *,
+    group: str | None = None,
+    job_type: str | None = None,
 ) -> dict[str, Any]:
     """Train (or, with ``trainer.resume``, continue) the run in ``run_dir``; returns the summary.
 
-    The wandb run is finished with exit code 1 if anything fails after it started.
+    The wandb run is finished with exit code 1 if anything fails after it started, marked
+    preempting when a preemption signal stopped it (:class:`powergrad.preemption.Preempted`
+    propagates to train.py, which exits for the requeue).
     """
     prepare_runtime(cfg)
     ckpt_path = run_dir / LAST
@@ -144,14 +154,26 @@ def run_training(
     if info.is_main and not (run_dir / CONFIG_FILE).exists():
         OmegaConf.save(cfg, run_dir / CONFIG_FILE, resolve=True)
     ctx = build_context(
-        cfg, run_dir, info, group=group, wandb_id=ckpt["wandb_id"] if ckpt else None
+        cfg,
+        run_dir,
+        info,
+        group=group,
+        job_type=job_type,
+        wandb_id=ckpt["wandb_id"] if ckpt else None,
     )
     try:
         meter = EpochMeter(info.device)
         state = restore(ctx, ckpt, meter) if ckpt else TrainState()
-        summary = fit(ctx, state, meter)
+        with PreemptionWatcher(info, cfg.trainer.preempt_check_every_steps) as watcher:
+            ctx.preemption = watcher
+            summary = fit(ctx, state, meter)
+    except Preempted:
+        ctx.tracker.finish(exit_code=1, preempted=True)
+        raise
     except BaseException:
         ctx.tracker.finish(exit_code=1)
         raise
     ctx.tracker.finish(exit_code=0)
+    if info.is_main:
+        (run_dir / MARKER).unlink(missing_ok=True)  # finished: a later start must not resume
     return summary

@@ -151,6 +151,11 @@ class TrainerConfig:
     progress: bool = True
     # RUN_DIR of an earlier run to continue in place from its last checkpoint.
     resume: str | None = None
+    # Continue in place when the run directory already holds last.pt (a SLURM --requeue after a
+    # node failure); a run stopped by a preemption signal always continues (preempted.json).
+    auto_resume: bool = False
+    # With several ranks, agree on a preemption signal every N optimizer steps (one all-reduce).
+    preempt_check_every_steps: int = 10
 
 
 @dataclass
@@ -164,7 +169,9 @@ class LoggerConfig:
     mode: str = "auto"
     # null: the experiment name (multirun: the sweep directory's name).
     group: str | None = None
-    job_type: str = "train"
+    # null: "train"; in a multirun the job's overrides without the seed (seeds of one
+    # configuration share it, so the dashboard can average them).
+    job_type: str | None = None
     tags: list[str] = field(default_factory=list)
 
 
@@ -358,7 +365,7 @@ def _check_resume(cfg: DictConfig) -> None:
 
 
 # Keys that may differ between a run's first start and its resumption without comment.
-_RESUME_FREE = ("trainer.resume", "trainer.progress", "logger.")
+_RESUME_FREE = ("trainer.resume", "trainer.auto_resume", "trainer.progress", "logger.")
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -406,7 +413,7 @@ def validate_train(cfg: DictConfig, world_size: int | None = None) -> None:
     for key in ("checkpoint_every_steps", "filter_norms_every_steps"):
         if t[key] < 0:
             raise ConfigError(f"trainer.{key}={t[key]}: must be >= 0")
-    for key in ("log_every_steps", "eval_every_epochs"):
+    for key in ("log_every_steps", "eval_every_epochs", "preempt_check_every_steps"):
         if t[key] < 1:
             raise ConfigError(f"trainer.{key}={t[key]}: must be >= 1")
     if cfg.sched.name == "step":

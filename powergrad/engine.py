@@ -146,6 +146,8 @@ class TrainContext:
     config: dict[str, Any]
     git_sha: str = "unknown"
     meta: dict[str, Any] = field(default_factory=dict)
+    # powergrad.preemption.PreemptionWatcher: stop cleanly on SIGTERM / SIGUSR1 (None: never).
+    preemption: Any = None
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -322,6 +324,9 @@ def train_one_epoch(
             ctx.tracker.log_filter_norms({"step": state.step, "epoch": state.epoch, **record})
         if t.checkpoint_every_steps and state.step % t.checkpoint_every_steps == 0:
             save_checkpoint(ctx, state, meter)
+        if ctx.preemption is not None and ctx.preemption.should_stop(state.step):
+            save_checkpoint(ctx, state, meter)
+            ctx.preemption.stop(ctx.run_dir, state.step)  # raises Preempted
 
 
 def _epoch_record(
@@ -401,6 +406,10 @@ def fit(ctx: TrainContext, state: TrainState, meter: EpochMeter | None = None) -
         meter = EpochMeter(ctx.dist.device)
         ctx.tracker.log_epoch(state.history)
         save_checkpoint(ctx, state, meter, best=improved)
+        # A signal during evaluation: the epoch-end checkpoint above is the one to resume from.
+        watcher = ctx.preemption
+        if watcher is not None and state.epoch < t.epochs and watcher.should_stop(None):
+            watcher.stop(ctx.run_dir, state.step)  # raises Preempted
         if progress is not None:
             shown = {"loss": f"{train['train_loss']:.3f}", "train": f"{train['train_top1']:.1f}"}
             if val is not None:

@@ -26,6 +26,7 @@ __all__ = [
     "METRICS_FILE",
     "SUMMARY_FILE",
     "Tracker",
+    "config_key",
     "git_sha",
     "have_wandb_credentials",
     "read_offline_run",
@@ -107,6 +108,8 @@ class Tracker:
         logger: the ``cfg.logger`` node (name, project, entity, mode, group, job_type, tags).
         tags: extra tags (model, method, alpha, sched).
         group: wandb group when ``logger.group`` is null (experiment or sweep name).
+        job_type: wandb job type when ``logger.job_type`` is null (in a sweep: the job's
+            overrides without the seed, so the seeds of one configuration share it).
         run_id: wandb run id of the run being resumed, or None for a new run.
         enabled: False on ranks other than 0.
         git_sha: the code's commit, added to the wandb config as ``git_sha``.
@@ -120,6 +123,7 @@ class Tracker:
         *,
         tags: list[str] = (),
         group: str | None = None,
+        job_type: str | None = None,
         run_id: str | None = None,
         enabled: bool = True,
         git_sha: str | None = None,
@@ -149,7 +153,7 @@ class Tracker:
             config={**config, "git_sha": git_sha} if git_sha else config,
             tags=sorted({*tags, *logger.tags}),
             group=logger.group or group,
-            job_type=logger.job_type,
+            job_type=logger.job_type or job_type or "train",
             id=run_id,
             resume="allow" if run_id else None,
             mode=mode,
@@ -205,11 +209,57 @@ class Tracker:
             for key, value in _clean(summary).items():
                 self.wandb_run.summary[key] = value
 
-    def finish(self, exit_code: int = 0) -> None:
-        """Close the wandb run (exit_code 1 marks it failed)."""
+    def finish(self, exit_code: int = 0, *, preempted: bool = False) -> None:
+        """Close the wandb run (exit_code 1 marks it failed; ``preempted`` marks it preempting,
+        so the dashboard shows it waiting for its requeued continuation, not crashed)."""
         if self.wandb_run is not None:
+            if preempted:
+                self.wandb_run.mark_preempting()
             self.wandb_run.finish(exit_code=exit_code)
             self.wandb_run = None
+
+
+# Settings that change how a run executes or where it logs, not what it computes: two seeds of
+# one configuration may differ in them and still share a configuration key.
+_NOT_CONFIGURATION = (
+    "seed",
+    "trainer.resume",
+    "trainer.auto_resume",
+    "trainer.progress",
+    "trainer.threads",
+    "trainer.device",
+    "trainer.preempt_check_every_steps",
+    "trainer.log_every_steps",
+    "trainer.checkpoint_every_steps",
+    "data.root",
+    "loader",
+    "logger",
+)
+
+
+def config_key(config: dict[str, Any]) -> str:
+    """A configuration's name without its seed, for wandb's ``job_type`` (64 characters max).
+
+    ``"resnet18 pgt a=0.25 cosine b256 1f2e3d4c"``: model, method, alpha, schedule, global
+    batch, then 8 hex digits of a hash of the rest of the resolved config (seed and run
+    plumbing excluded), so configurations differing anywhere else get different keys.
+    """
+    import hashlib
+
+    def strip(node: Any, prefix: str = "") -> Any:
+        if not isinstance(node, dict):
+            return node
+        return {
+            k: strip(v, f"{prefix}{k}.")
+            for k, v in sorted(node.items())
+            if f"{prefix}{k}" not in _NOT_CONFIGURATION
+        }
+
+    digest = hashlib.sha256(json.dumps(strip(config), default=str).encode()).hexdigest()[:8]
+    m = config["method"]
+    alpha = "" if m.get("alpha") is None else f" a={m['alpha']:g}"
+    label = f"{config['model']['name']} {m['name']}{alpha} {config['sched']['name']}"
+    return f"{label} b{config['trainer']['batch_size']} {digest}"[-64:]
 
 
 def wandb_epoch_keys(record: dict[str, Any]) -> dict[str, Any]:

@@ -68,7 +68,9 @@ def test_main_job_multirun_prints_and_writes_the_comparison(tmp_path):
         assert summary["val_images"] == 360 and summary["epochs"] == 1
         assert (run_dir / "last.pt").exists() and (run_dir / "config.yaml").exists()
         run = read_offline_run(run_dir)
-        assert run["group"] == sweep.name and run["job_type"] == "train"
+        assert run["group"] == sweep.name and run["job_type"].startswith(
+            f"resnet18 {summary['method']}"
+        )
         assert "model:resnet18" in run["tags"] and f"method:{summary['method']}" in run["tags"]
         assert run["config"]["method"]["name"] == summary["method"]
         assert run["config"]["git_sha"] == summary["git_sha"] != "unknown"

@@ -1,0 +1,161 @@
+"""Preemption on CPU with real signals: SIGTERM mid-run, checkpoint, exit, resume, same result.
+
+Two victims beside one uninterrupted reference, all with the same config:
+- a plain ``python train.py``: exits with EXIT_PREEMPTED and leaves preempted.json; running the
+  same command again continues the run;
+- a Hydra multirun job under submitit's local executor (the CPU stand-in for SLURM): submitit
+  requeues it and the requeued job finds its run directory, resumes and continues the same
+  (offline) wandb run, without anyone running anything.
+Both must end with the reference's weights and epoch records, bit for bit.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from powergrad.preemption import EXIT_PREEMPTED, MARKER
+from powergrad.tracking import read_offline_run
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS_PER_EPOCH = 1437 // 128
+ARGS = [
+    "method=pgt",
+    "trainer.epochs=2",
+    "trainer.warmup_epochs=0.5",
+    "trainer.batch_size=128",
+    "trainer.threads=1",
+    "trainer.progress=false",
+    "loader.workers=0",
+]
+TIMING_KEYS = {"images_per_s", "epoch_s"}
+
+
+def _env():
+    """powergrad importable in submitit's job interpreter (as after ``pip install -e .``); each
+    start gets its own wandb service, as after a real requeue."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    path = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return {**env, "PYTHONPATH": path}
+
+
+def _start(args, cwd):
+    env = _env()
+    flags = [a for a in args if a.startswith("-")]  # Hydra's flags before the overrides
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *flags,
+        *ARGS,
+        *(a for a in args if a not in flags),
+    ]
+    return subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _finish(proc, timeout=400):
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def _submitit_task(cwd):
+    """The pid of the submitit task process (python -m submitit.core._submit) running in cwd."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            here = os.readlink(entry / "cwd")
+        except OSError:
+            continue
+        if b"submitit.core._submit" in cmdline and here == str(cwd):
+            return int(entry.name)
+    return None
+
+
+def _signal_after_first_epoch(run_dir_glob, pid_of, proc, deadline_s=300):
+    """SIGTERM once last.pt holds the end of epoch 1 (so the stop lands in epoch 2)."""
+    deadline = time.time() + deadline_s
+    while time.time() < deadline and proc.poll() is None:
+        lasts = list(run_dir_glob())
+        if lasts and torch.load(lasts[0], weights_only=True)["step"] >= STEPS_PER_EPOCH:
+            pid = pid_of()
+            assert pid is not None
+            os.kill(pid, signal.SIGTERM)
+            return lasts[0].parent
+        time.sleep(0.05)
+    out = proc.stdout.read() if proc.poll() is not None else ""
+    raise AssertionError(f"no epoch-1 checkpoint appeared\n{out[-3000:]}")
+
+
+def _history(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if k not in TIMING_KEYS} for x in lines]
+
+
+def _assert_same_run(a_dir, b_dir):
+    a = torch.load(a_dir / "last.pt", weights_only=True)
+    b = torch.load(b_dir / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 2 * STEPS_PER_EPOCH
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert _history(a_dir) == _history(b_dir)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_exits_and_the_run_resumes_to_the_same_result(tmp_path):
+    ref_dir, plain_dir = tmp_path / "reference", tmp_path / "plain"
+    sweep_cwd = tmp_path / "sweep"
+    sweep_cwd.mkdir()
+    reference = _start([f"hydra.run.dir={ref_dir}", "logger=none"], tmp_path)
+    plain = _start([f"hydra.run.dir={plain_dir}", "logger=none"], tmp_path)
+    job = _start(
+        ["-m", "hydra/launcher=local", "seed=0", "logger=wandb", "logger.mode=offline"], sweep_cwd
+    )
+
+    # Plain process: SIGTERM, checkpoint after the step in flight, exit 3, marker.
+    _signal_after_first_epoch(
+        lambda: [plain_dir / "last.pt"] * (plain_dir / "last.pt").exists(), lambda: plain.pid, plain
+    )
+    rc, out = _finish(plain)
+    assert rc == EXIT_PREEMPTED, out[-3000:]
+    assert "SIGTERM received" in out
+    stopped = torch.load(plain_dir / "last.pt", weights_only=True)
+    marker = json.loads((plain_dir / MARKER).read_text())
+    assert marker["signal"] == "SIGTERM" and marker["step"] == stopped["step"]
+    assert STEPS_PER_EPOCH <= stopped["step"] < 2 * STEPS_PER_EPOCH
+    assert not (plain_dir / "summary.json").exists()
+
+    # submitit job: SIGTERM to the task; nobody restarts it by hand.
+    job_dir = _signal_after_first_epoch(
+        lambda: sweep_cwd.glob("multirun/*/*/0_pgt/last.pt"), lambda: _submitit_task(sweep_cwd), job
+    )
+
+    # The same command again continues the plain run (the marker says so).
+    rc, out = _finish(_start([f"hydra.run.dir={plain_dir}", "logger=none"], tmp_path))
+    assert rc == 0, out[-3000:]
+    assert "resuming" in out and not (plain_dir / MARKER).exists()
+
+    rc, out = _finish(job)
+    assert rc == 0, out[-3000:]
+    rc, out = _finish(reference)
+    assert rc == 0, out[-3000:]
+
+    _assert_same_run(ref_dir, plain_dir)
+    _assert_same_run(ref_dir, job_dir)
+    logs = "".join(p.read_text() for p in job_dir.parent.glob(".submitit/*/*_log.*"))
+    assert "SIGTERM received" in logs and "Requeued job" in logs and "resuming" in logs
+    # One wandb run over both starts: the requeued job kept the id from the checkpoint.
+    run = read_offline_run(job_dir)
+    assert len(run["files"]) == 2 and run["exit_code"] == 0
+    summary = json.loads((job_dir / "summary.json").read_text())
+    assert run["id"] == summary["wandb_id"]
+    assert run["summary"]["val_top1"] == summary["val_top1"]
+    assert not (job_dir / MARKER).exists()

@@ -1,0 +1,80 @@
+"""Sweeps through Hydra's submitit launcher, run for real by submitit's local executor on CPU.
+
+The local executor is the SLURM launcher's stand-in: the same submitit job environment
+(ranks from the job's tasks), pickled Hydra job and requeue protocol, in local processes.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from powergrad.tracking import read_offline_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def submitit_env():
+    """Jobs unpickle the task in a fresh interpreter: powergrad must be importable there (as
+    after ``pip install -e .``); no wandb service inherited from this process."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    path = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return {**env, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_seed_sweep_of_two_rank_jobs_through_submitit_local(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "-m",
+            "hydra/launcher=local",
+            "hydra.launcher.tasks_per_node=2",  # each job: 2 ranks (gloo), ranks from submitit
+            "method=pgt",
+            "seed=0,1",
+            "logger=wandb",
+            "logger.mode=offline",
+            "trainer.epochs=1",
+            "trainer.warmup_epochs=0",
+            "trainer.batch_size=128",
+            "trainer.threads=1",
+            "trainer.progress=false",
+            "loader.workers=0",
+        ],
+        cwd=tmp_path,
+        env=submitit_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # One sweep directory: every job (another process each) landed in the one the launcher made.
+    (sweep,) = (tmp_path / "multirun").glob("*/*")
+    assert sorted(p.name for p in sweep.iterdir() if not p.name.startswith(".")) == [
+        "0_pgt",
+        "1_pgt",
+        "compare.json",
+        "compare.md",
+        "compare.png",
+        "multirun.yaml",
+    ]
+    assert list(sweep.glob(".submitit/*/*_1_log.out"))  # rank 1 of a job ran as its own task
+    runs = []
+    for seed, job in enumerate(["0_pgt", "1_pgt"]):
+        summary = json.loads((sweep / job / "summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["seed"] == seed
+        assert summary["val_images"] == 360 and summary["epochs"] == 1
+        run = read_offline_run(sweep / job)
+        assert run["group"] == sweep.name and run["exit_code"] == 0
+        runs.append(run)
+    # The seeds of one configuration share the job type (the dashboard averages them).
+    assert runs[0]["job_type"] == runs[1]["job_type"]
+    assert runs[0]["job_type"].startswith("resnet18 pgt a=0.25 cosine b128 ")
+    assert [r["method"] for r in json.loads((sweep / "compare.json").read_text())["rows"]] == [
+        "pgt",
+        "pgt",
+    ]
