@@ -173,6 +173,9 @@ class LoggerConfig:
     # configuration share it, so the dashboard can average them).
     job_type: str | None = None
     tags: list[str] = field(default_factory=list)
+    # Offline runs only: wandb-osh command directory (on a filesystem the login node sees);
+    # run `wandb-osh --command-dir DIR` there to sync each run after every epoch. null: off.
+    sync_dir: str | None = None
 
 
 @dataclass

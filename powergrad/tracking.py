@@ -9,6 +9,7 @@ file back (config, history, summary, tags), without a server.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import netrc
@@ -160,6 +161,14 @@ class Tracker:
             name=self.run_dir.name,
         )
         self.run_id = self.wandb_run.id
+        # wandb-osh protocol (compute nodes without internet): after each epoch, a
+        # <hash>.command file holding the offline run's directory tells `wandb-osh
+        # --command-dir SYNC_DIR` on a login node to `wandb sync` it.
+        self._sync_dir = None
+        if logger.get("sync_dir") and mode == "offline":
+            self._sync_dir = Path(str(logger.sync_dir)).expanduser()
+            self._sync_dir.mkdir(parents=True, exist_ok=True)
+        self._wandb_dir = Path(self.wandb_run.dir).parent.resolve()  # offline-run-*/files/..
         # Epoch records are plotted against the epoch, step records against the optimizer step.
         self.wandb_run.define_metric("epoch")
         self.wandb_run.define_metric("trainer/step")
@@ -186,6 +195,17 @@ class Tracker:
         self.write_history(history)
         if self.wandb_run is not None:
             self.wandb_run.log(wandb_epoch_keys(history[-1]))
+            self._trigger_sync()
+
+    def _trigger_sync(self) -> None:
+        if self._sync_dir is not None:
+            path = self._wandb_dir.as_posix()
+            name = hashlib.sha256(path.encode()).hexdigest()[:16]
+            # Temp file + rename: the syncer never reads a half-written path.
+            fd, tmp = tempfile.mkstemp(dir=self._sync_dir, prefix=f".{name}.", suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                f.write(path)
+            os.replace(tmp, self._sync_dir / f"{name}.command")
 
     def truncate_filter_norms(self, step: int) -> None:
         """Drop filter-norm records after optimizer step ``step`` (a resume replays them)."""
@@ -217,6 +237,7 @@ class Tracker:
                 self.wandb_run.mark_preempting()
             self.wandb_run.finish(exit_code=exit_code)
             self.wandb_run = None
+            self._trigger_sync()  # the final summary and exit record
 
 
 # Settings that change how a run executes or where it logs, not what it computes: two seeds of
@@ -244,7 +265,6 @@ def config_key(config: dict[str, Any]) -> str:
     batch, then 8 hex digits of a hash of the rest of the resolved config (seed and run
     plumbing excluded), so configurations differing anywhere else get different keys.
     """
-    import hashlib
 
     def strip(node: Any, prefix: str = "") -> Any:
         if not isinstance(node, dict):

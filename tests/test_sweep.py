@@ -38,6 +38,7 @@ def test_seed_sweep_of_two_rank_jobs_through_submitit_local(tmp_path):
             "seed=0,1",
             "logger=wandb",
             "logger.mode=offline",
+            f"logger.sync_dir={tmp_path / 'osh'}",
             "trainer.epochs=1",
             "trainer.warmup_epochs=0",
             "trainer.batch_size=128",
@@ -71,6 +72,9 @@ def test_seed_sweep_of_two_rank_jobs_through_submitit_local(tmp_path):
         run = read_offline_run(sweep / job)
         assert run["group"] == sweep.name and run["exit_code"] == 0
         runs.append(run)
+    # wandb-osh hook: one command file per offline run, holding its directory.
+    commands = sorted(p.read_text() for p in (tmp_path / "osh").glob("*.command"))
+    assert commands == sorted(str(Path(r["files"][-1]).resolve()) for r in runs)
     # The seeds of one configuration share the job type (the dashboard averages them).
     assert runs[0]["job_type"] == runs[1]["job_type"]
     assert runs[0]["job_type"].startswith("resnet18 pgt a=0.25 cosine b128 ")
