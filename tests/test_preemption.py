@@ -159,3 +159,50 @@ def test_sigterm_checkpoints_exits_and_the_run_resumes_to_the_same_result(tmp_pa
     assert run["id"] == summary["wandb_id"]
     assert run["summary"]["val_top1"] == summary["val_top1"]
     assert not (job_dir / MARKER).exists()
+
+
+def _torchrun_worker(parent, rank):
+    """The pid of torchrun worker ``rank`` (a child of ``parent`` with RANK=rank)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    run_dir = tmp_path / "ddp"
+    args = [f"hydra.run.dir={run_dir}", "logger=none", "trainer.preempt_check_every_steps=4"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd = [*torchrun, str(ROOT / "train.py"), *ARGS, *args]
+    env = {**_env(), "OMP_NUM_THREADS": "1", "SUBMITIT_EXECUTOR": ""}
+    start = lambda: subprocess.Popen(  # noqa: E731
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    proc = start()
+    last = run_dir / "last.pt"
+    # Only rank 1 is signalled: rank 0 learns it through the all-reduced flag.
+    _signal_after_first_epoch(
+        lambda: [last] * last.exists(), lambda: _torchrun_worker(proc.pid, 1), proc
+    )
+    rc, out = _finish(proc)
+    assert rc != 0 and "rank 1: SIGTERM received" in out and "rank 0: SIGTERM" not in out
+    stopped = torch.load(last, weights_only=True)
+    marker = json.loads((run_dir / MARKER).read_text())  # written by rank 0
+    assert marker["step"] == stopped["step"] < 2 * STEPS_PER_EPOCH
+    # Agreement points: every 4th step, or the end of an epoch (a signal during evaluation).
+    assert stopped["step"] % 4 == 0 or stopped["step"] % STEPS_PER_EPOCH == 0
+    assert stopped["world_size"] == 2
+
+    rc, out = _finish(start())  # the same command continues the run
+    assert rc == 0, out[-3000:]
+    final = torch.load(last, weights_only=True)
+    assert final["step"] == 2 * STEPS_PER_EPOCH and len(_history(run_dir)) == 2
+    assert not (run_dir / MARKER).exists()
