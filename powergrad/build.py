@@ -18,6 +18,7 @@ from powergrad import distributed as pgdist
 from powergrad.checkpoint import LAST, load_checkpoint
 from powergrad.config import milestone_epochs
 from powergrad.data import build_loaders
+from powergrad.data.sampling import STREAM_RANK, derive_seed
 from powergrad.engine import EpochMeter, TrainContext, TrainState, fit, restore
 from powergrad.method import build_clipper, build_criterion, method_tags
 from powergrad.models import build_model
@@ -65,6 +66,14 @@ def build_context(
     )
     model = build_model(cfg.model.name, loaders.num_classes, drop_rate=cfg.model.drop_rate)
     model = model.to(info.device, memory_format=torch.channels_last if t.channels_last else None)
+    if info.rank:
+        # Own random streams per rank from here on (dropout masks, ...): the same seed would
+        # repeat one rank's draws on all. Rank 0 keeps cfg.seed's, so one process is unchanged.
+        # The weights above were drawn with cfg.seed on every rank (DDP broadcasts rank 0's).
+        rank_seed = derive_seed(cfg.seed, info.rank, STREAM_RANK)
+        random.seed(rank_seed)
+        np.random.seed(rank_seed)
+        torch.manual_seed(rank_seed)
     optimizer = build_optimizer(
         model,
         global_batch=t.batch_size,

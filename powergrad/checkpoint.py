@@ -6,7 +6,8 @@ A checkpoint is one dict of plain containers and tensors:
 - ``optimizer``, ``scaler``, ``scheduler``: their state dicts;
 - ``epoch`` / ``batch`` (next epoch and next batch within it) and ``step`` (optimizer steps);
 - ``meters``: the running sums of the unfinished epoch; ``history``: the finished epochs' records;
-- ``rng``: torch CPU / CUDA, numpy and python RNG states; ``data``: the train loader's state;
+- ``rng``: per rank, torch CPU / CUDA, numpy and python RNG states; ``data``: per rank, the
+  train loader's state;
 - ``config`` (resolved, plain dict), ``wandb_id``, ``git_sha``, ``best_val_top1``, ``wall_s``.
 
 Files are written to a temporary file in the same directory, fsynced and renamed over the

@@ -186,6 +186,7 @@ def save_checkpoint(
     _check_finite(ctx, state, meter, check_weights=True)
     meters = meter.reduced_state()
     data_states = pgdist.gather_objects(ctx.train_loader.state_dict())
+    rng_states = pgdist.gather_objects(capture_rng())  # ranks draw from their own streams
     if not ctx.dist.is_main:
         return
     ckpt = {
@@ -202,7 +203,7 @@ def save_checkpoint(
         "wall_s": state.wall_s + (time.perf_counter() - ctx.meta["_start"]),
         "nonfinite_losses": state.nonfinite_losses,
         "meters": meters,
-        "rng": capture_rng(),
+        "rng": rng_states,
         "data": data_states,
         "world_size": ctx.dist.world_size,
         "config": ctx.config,
@@ -227,7 +228,10 @@ def restore(ctx: TrainContext, ckpt: dict[str, Any], meter: EpochMeter) -> Train
         meter.load_state_dict(ckpt["meters"])
     if ckpt["world_size"] == ctx.dist.world_size:
         ctx.train_loader.load_state_dict(ckpt["data"][ctx.dist.rank])
-    restore_rng(ckpt["rng"])
+    rng = ckpt["rng"]
+    if isinstance(rng, list):  # one state per rank (older checkpoints: rank 0's dict)
+        rng = rng[ctx.dist.rank] if ctx.dist.rank < len(rng) else rng[0]
+    restore_rng(rng)
     return TrainState(
         epoch=ckpt["epoch"],
         batch=ckpt["batch"],

@@ -75,7 +75,8 @@ class PreemptionWatcher:
     def __init__(self, info: pgdist.DistInfo, check_every_steps: int = 10) -> None:
         self.info = info
         self.every = max(1, check_every_steps)
-        self.signum = 0  # 0: no signal yet
+        self.signum = 0  # signal received by this rank (0: none); written by the handler only
+        self.agreed = 0  # signal the ranks agreed to stop on (0: keep training)
         self._previous: dict[int, Any] = {}
         self._submitit_sig = _submitit_signal()
         self._requeue = None  # submitit's checkpoint-and-requeue handler, inside a submitit job
@@ -114,20 +115,24 @@ class PreemptionWatcher:
         A collective when distributed: every rank must call it at the same steps.
         """
         if not self.info.distributed:
-            return bool(self.signum)
+            self.agreed = self.signum
+            return bool(self.agreed)
         if step is not None and step % self.every:
             return False
         flag = torch.tensor([self.signum], dtype=torch.int32, device=self.info.device)
-        self.signum = int(pgdist.all_reduce_max(flag).item())
-        return bool(self.signum)
+        # Into a separate attribute: a signal handled while the collective runs must not be
+        # overwritten by this rank's older flag (it is then seen at the next poll).
+        self.agreed = int(pgdist.all_reduce_max(flag).item())
+        return bool(self.agreed)
 
     def stop(self, run_dir: Path, step: int) -> None:
         """After the checkpoint: rank 0 writes the marker, then every rank raises Preempted."""
         if self.info.is_main:
-            record = {"signal": signal.Signals(self.signum).name, "step": step, "time": time.time()}
+            name = signal.Signals(self.agreed).name
+            record = {"signal": name, "step": step, "time": time.time()}
             (run_dir / MARKER).write_text(json.dumps(record) + "\n")
         pgdist.barrier()  # the marker exists before any rank exits
-        raise Preempted(self.signum, step, run_dir, self._requeue)
+        raise Preempted(self.agreed, step, run_dir, self._requeue)
 
 
 def should_resume(run_dir: Path, auto_resume: bool) -> bool:

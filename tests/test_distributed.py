@@ -121,6 +121,9 @@ def test_two_rank_torchrun_matches_one_process_with_the_same_global_batch(tmp_pa
     a = torch.load(single_dir / "last.pt", weights_only=True)
     b = torch.load(ddp_dir / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 320 // 64 and b["world_size"] == 2
+    # Per-rank random streams, each saved for an exact resume.
+    assert len(a["rng"]) == 1 and len(b["rng"]) == 2
+    assert not torch.equal(b["rng"][0]["torch"], b["rng"][1]["torch"])
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=1e-4, atol=1e-6, msg=key)
     sa = json.loads((single_dir / "summary.json").read_text())

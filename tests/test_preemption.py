@@ -80,19 +80,29 @@ def _submitit_task(cwd):
     return None
 
 
-def _signal_after_first_epoch(run_dir_glob, pid_of, proc, deadline_s=300):
-    """SIGTERM once last.pt holds the end of epoch 1 (so the stop lands in epoch 2)."""
+def _signal_after_first_epoch(victims, deadline_s=300):
+    """SIGTERM each victim once its last.pt holds the end of epoch 1 (the stop lands in epoch
+    2); victims are (checkpoint finder, pid finder, process), polled together so a slow start
+    of one never makes the signal to another late. Returns the run directories."""
+    found: dict[int, Path] = {}
     deadline = time.time() + deadline_s
-    while time.time() < deadline and proc.poll() is None:
-        lasts = list(run_dir_glob())
-        if lasts and torch.load(lasts[0], weights_only=True)["step"] >= STEPS_PER_EPOCH:
-            pid = pid_of()
-            assert pid is not None
-            os.kill(pid, signal.SIGTERM)
-            return lasts[0].parent
+    while len(found) < len(victims) and time.time() < deadline:
+        for i, (lasts_of, pid_of, proc) in enumerate(victims):
+            if i in found:
+                continue
+            if proc.poll() is not None:
+                raise AssertionError(f"victim {i} ended early:\n{proc.stdout.read()[-3000:]}")
+            lasts = list(lasts_of())
+            step = torch.load(lasts[0], weights_only=True)["step"] if lasts else 0
+            if step >= STEPS_PER_EPOCH:
+                assert step < 2 * STEPS_PER_EPOCH, f"victim {i}: first seen at step {step}"
+                pid = pid_of()
+                assert pid is not None
+                os.kill(pid, signal.SIGTERM)
+                found[i] = lasts[0].parent
         time.sleep(0.05)
-    out = proc.stdout.read() if proc.poll() is not None else ""
-    raise AssertionError(f"no epoch-1 checkpoint appeared\n{out[-3000:]}")
+    assert len(found) == len(victims), "no epoch-1 checkpoint appeared"
+    return [found[i] for i in range(len(victims))]
 
 
 def _history(run_dir):
@@ -120,10 +130,22 @@ def test_sigterm_checkpoints_exits_and_the_run_resumes_to_the_same_result(tmp_pa
         ["-m", "hydra/launcher=local", "seed=0", "logger=wandb", "logger.mode=offline"], sweep_cwd
     )
 
-    # Plain process: SIGTERM, checkpoint after the step in flight, exit 3, marker.
-    _signal_after_first_epoch(
-        lambda: [plain_dir / "last.pt"] * (plain_dir / "last.pt").exists(), lambda: plain.pid, plain
+    # SIGTERM to the plain process and to the submitit task; nobody restarts the latter by hand.
+    _, job_dir = _signal_after_first_epoch(
+        [
+            (
+                lambda: [plain_dir / "last.pt"] * (plain_dir / "last.pt").exists(),
+                lambda: plain.pid,
+                plain,
+            ),
+            (
+                lambda: sweep_cwd.glob("multirun/*/*/0_pgt/last.pt"),
+                lambda: _submitit_task(sweep_cwd),
+                job,
+            ),
+        ]
     )
+    # Plain process: checkpoint after the step in flight, exit 3, marker.
     rc, out = _finish(plain)
     assert rc == EXIT_PREEMPTED, out[-3000:]
     assert "SIGTERM received" in out
@@ -132,11 +154,6 @@ def test_sigterm_checkpoints_exits_and_the_run_resumes_to_the_same_result(tmp_pa
     assert marker["signal"] == "SIGTERM" and marker["step"] == stopped["step"]
     assert STEPS_PER_EPOCH <= stopped["step"] < 2 * STEPS_PER_EPOCH
     assert not (plain_dir / "summary.json").exists()
-
-    # submitit job: SIGTERM to the task; nobody restarts it by hand.
-    job_dir = _signal_after_first_epoch(
-        lambda: sweep_cwd.glob("multirun/*/*/0_pgt/last.pt"), lambda: _submitit_task(sweep_cwd), job
-    )
 
     # The same command again continues the plain run (the marker says so).
     rc, out = _finish(_start([f"hydra.run.dir={plain_dir}", "logger=none"], tmp_path))
@@ -179,7 +196,14 @@ def _torchrun_worker(parent, rank):
 @pytest.mark.slow
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     run_dir = tmp_path / "ddp"
-    args = [f"hydra.run.dir={run_dir}", "logger=none", "trainer.preempt_check_every_steps=4"]
+    # 3 epochs: a signal late in the last epoch (after its last agreement point) lets the run
+    # finish normally; the one sent after epoch 1 always has agreement points ahead of it.
+    args = [
+        f"hydra.run.dir={run_dir}",
+        "logger=none",
+        "trainer.preempt_check_every_steps=4",
+        "trainer.epochs=3",
+    ]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd = [*torchrun, str(ROOT / "train.py"), *ARGS, *args]
     env = {**_env(), "OMP_NUM_THREADS": "1", "SUBMITIT_EXECUTOR": ""}
@@ -190,13 +214,14 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     last = run_dir / "last.pt"
     # Only rank 1 is signalled: rank 0 learns it through the all-reduced flag.
     _signal_after_first_epoch(
-        lambda: [last] * last.exists(), lambda: _torchrun_worker(proc.pid, 1), proc
+        [(lambda: [last] * last.exists(), lambda: _torchrun_worker(proc.pid, 1), proc)]
     )
     rc, out = _finish(proc)
-    assert rc != 0 and "rank 1: SIGTERM received" in out and "rank 0: SIGTERM" not in out
+    assert rc != 0, out[-3000:]
+    assert "rank 1: SIGTERM received" in out and "rank 0: SIGTERM" not in out
     stopped = torch.load(last, weights_only=True)
     marker = json.loads((run_dir / MARKER).read_text())  # written by rank 0
-    assert marker["step"] == stopped["step"] < 2 * STEPS_PER_EPOCH
+    assert marker["step"] == stopped["step"] <= 2 * STEPS_PER_EPOCH
     # Agreement points: every 4th step, or the end of an epoch (a signal during evaluation).
     assert stopped["step"] % 4 == 0 or stopped["step"] % STEPS_PER_EPOCH == 0
     assert stopped["world_size"] == 2
@@ -204,5 +229,5 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     rc, out = _finish(start())  # the same command continues the run
     assert rc == 0, out[-3000:]
     final = torch.load(last, weights_only=True)
-    assert final["step"] == 2 * STEPS_PER_EPOCH and len(_history(run_dir)) == 2
+    assert final["step"] == 3 * STEPS_PER_EPOCH and len(_history(run_dir)) == 3
     assert not (run_dir / MARKER).exists()

@@ -20,6 +20,7 @@ STREAM_PERMUTATION = 1
 STREAM_AUGMENT = 2
 STREAM_DALI = 3
 STREAM_SYNTHETIC = 4
+STREAM_RANK = 5  # per-rank torch / numpy / python seeds of ranks > 0 (powergrad.build)
 
 
 def derive_seed(*keys: int) -> int:
