@@ -45,6 +45,19 @@ def _env():
     return {**env, "PYTHONPATH": path}
 
 
+@pytest.fixture(autouse=True)
+def _no_leftovers():
+    """End the runs a failed test left behind (they would load the shared CPU for minutes)."""
+    yield
+    for proc in _STARTED:
+        if proc.poll() is None:
+            proc.kill()
+    _STARTED.clear()
+
+
+_STARTED: list[subprocess.Popen] = []
+
+
 def _start(args, cwd):
     env = _env()
     flags = [a for a in args if a.startswith("-")]  # Hydra's flags before the overrides
@@ -55,9 +68,11 @@ def _start(args, cwd):
         *ARGS,
         *(a for a in args if a not in flags),
     ]
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+    _STARTED.append(proc)
+    return proc
 
 
 def _finish(proc, timeout=400):
@@ -207,9 +222,14 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd = [*torchrun, str(ROOT / "train.py"), *ARGS, *args]
     env = {**_env(), "OMP_NUM_THREADS": "1", "SUBMITIT_EXECUTOR": ""}
-    start = lambda: subprocess.Popen(  # noqa: E731
-        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+
+    def start():
+        proc = subprocess.Popen(
+            cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        _STARTED.append(proc)
+        return proc
+
     proc = start()
     last = run_dir / "last.pt"
     # Only rank 1 is signalled: rank 0 learns it through the all-reduced flag.
