@@ -25,6 +25,7 @@ train.py turns that into the exit, see :func:`exit_for_requeue`:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -102,12 +103,14 @@ class PreemptionWatcher:
     def _record(self, signum: int, frame: Any) -> None:
         if not self.signum:
             self.signum = signum
-            print(
+            message = (
                 f"rank {self.info.rank}: {signal.Signals(signum).name} received; stopping after "
-                "the step in flight and writing a checkpoint",
-                file=sys.stderr,
-                flush=True,
+                "the step in flight and writing a checkpoint\n"
             )
+            # os.write, not print: the handler may interrupt a write to sys.stderr (tqdm), and
+            # re-entering its buffered writer raises RuntimeError.
+            with contextlib.suppress(OSError, ValueError):
+                os.write(sys.stderr.fileno(), message.encode())
 
     def should_stop(self, step: int | None) -> bool:
         """True on every rank once any rank got a signal; ``step=None`` forces a poll now.
