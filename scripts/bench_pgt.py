@@ -7,9 +7,10 @@ S = N**2 (the one scale at which the paper's hook is correct, so all three do eq
   pgt_a1     pgt_cross_entropy at alpha = 1 (the ordinary gradient through the PGT path)
   paper_hook F.cross_entropy plus the paper's reference tensor hook on the logits
 
-The variants run interleaved (round robin, rotating the start) after a warm-up, so machine noise
-hits them alike. Reported per variant: the median and 10th-percentile ms per call, their ratios
-to ce, the median over rounds of the per-round time ratio to ce (paired, hence robust to slow
+The variants run in alternating blocks (each variant --block calls in a row, the block order
+rotating every round) after a warm-up round, so machine noise hits them alike while each is
+timed in its own steady state, as in a training loop that calls one loss every step. Reported per variant: the median and 10th-percentile ms per call, their ratios
+to ce, the median over calls of the time ratio to ce's call at the same position (paired, hence robust to slow
 drifts in machine load), and on CPU the minor page faults per call: glibc hands multi-MB buffers
 back to the kernel, so every fresh (N, C) fp32 buffer can cost one fault per 4 KiB page, often
 more time than the arithmetic.
@@ -17,7 +18,7 @@ On a CPU shared with other jobs, OpenMP barriers stall and timings inflate many-
 compare with --threads 1.
 
 Usage: python scripts/bench_pgt.py [--n 1024] [--c 1000] [--repeats 300] [--device cpu|cuda|all]
-       [--alpha 0.25] [--threads T]
+       [--alpha 0.25] [--threads T] [--block 50]
 """
 
 from __future__ import annotations
@@ -83,8 +84,35 @@ def _variants(
     return {"ce": ce, "pgt": pgt, "pgt_a1": pgt_a1, "paper_hook": paper_hook}
 
 
-def bench(n: int, c: int, repeats: int, warmup: int, alpha: float, device: str) -> dict:
-    """Time every variant on ``device``; returns medians (ms) and paired ratios to ``ce``."""
+def _time_call(fn: Callable[[], None], cuda: bool) -> tuple[float, int]:
+    """One call's time (ms) and, on CPU, its minor page faults."""
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end), 0
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t0 = time.perf_counter()
+    fn()
+    ms = (time.perf_counter() - t0) * 1e3
+    return ms, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+
+
+def bench(
+    n: int, c: int, repeats: int, warmup: int, alpha: float, device: str, block: int = 50
+) -> dict:
+    """Time every variant on ``device``; returns medians (ms) and paired ratios to ``ce``.
+
+    Each round runs every variant ``block`` times in a row (rotating which goes first) and times
+    the calls after the first fifth of the block: a training loop calls the same loss every
+    step, so each variant is measured in its own steady allocator state. Interleaving single
+    calls (``block=1``) instead measures the cost of switching allocation patterns: there a
+    variant's time depends on which one ran before it (measured here: CE alone beside PGT 2.0 ms,
+    beside all variants 0.84 ms).
+    """
     gen = torch.Generator().manual_seed(0)
     # Logit scale 3 gives peaked but not one-hot softmaxes, like a partly trained classifier.
     logits = (3.0 * torch.randn(n, c, generator=gen)).to(device)
@@ -92,32 +120,21 @@ def bench(n: int, c: int, repeats: int, warmup: int, alpha: float, device: str) 
     fns = _variants(logits, target, alpha)
     names = list(fns)
     cuda = device.startswith("cuda")
+    settle = block // 5
+    timed_per_block = block - settle
+    rounds = warmup + max(1, -(-repeats // timed_per_block))
     times: dict[str, list[float]] = {k: [] for k in names}
     faults = dict.fromkeys(names, 0)
-    for rnd in range(warmup + repeats):
+    for rnd in range(rounds):
         # Rotate the order each round so no variant always runs first (cache, frequency).
         order = names[rnd % len(names) :] + names[: rnd % len(names)]
         for name in order:
-            if cuda:
-                start, end = (
-                    torch.cuda.Event(enable_timing=True),
-                    torch.cuda.Event(enable_timing=True),
-                )
-                torch.cuda.synchronize()
-                start.record()
-                fns[name]()
-                end.record()
-                torch.cuda.synchronize()
-                ms = start.elapsed_time(end)
-            else:
-                f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                t0 = time.perf_counter()
-                fns[name]()
-                ms = (time.perf_counter() - t0) * 1e3
-                if rnd >= warmup:
-                    faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-            if rnd >= warmup:
-                times[name].append(ms)
+            for i in range(block):
+                ms, flt = _time_call(fns[name], cuda)
+                if rnd >= warmup and i >= settle:
+                    times[name].append(ms)
+                    faults[name] += flt
+    repeats = len(times["ce"])
     median_ms = {k: statistics.median(v) for k, v in times.items()}
     # 10th percentile: the steady-state cost with most bursts of machine contention excluded.
     p10_ms = {k: statistics.quantiles(v, n=10)[0] for k, v in times.items()}
@@ -162,8 +179,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=1024, help="batch size (rows of the logits)")
     ap.add_argument("--c", type=int, default=1000, help="number of classes")
-    ap.add_argument("--repeats", type=int, default=300, help="timed rounds per variant")
-    ap.add_argument("--warmup", type=int, default=30, help="untimed rounds first")
+    ap.add_argument("--repeats", type=int, default=400, help="timed calls per variant")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    ap.add_argument(
+        "--block", type=int, default=50, help="calls of one variant in a row (1: interleave calls)"
+    )
     ap.add_argument("--alpha", type=float, default=0.25, help="PGT exponent for 'pgt'")
     ap.add_argument(
         "--device",
@@ -181,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.device == "all" and not torch.cuda.is_available():
         devices = ["cpu"]
     for dev in devices:
-        res = bench(args.n, args.c, args.repeats, args.warmup, args.alpha, dev)
+        res = bench(args.n, args.c, args.repeats, args.warmup, args.alpha, dev, args.block)
         _print_table(res)
         print(json.dumps(res))
 

@@ -416,3 +416,13 @@ def test_cuda(dtype, alpha):
     finally:
         torch.use_deterministic_algorithms(False)
     assert torch.equal(first, second)
+
+
+def test_bench_runs_every_variant_in_blocks_and_interleaved():
+    bench = _load_bench().bench
+    for block in (5, 1):
+        res = bench(n=8, c=10, repeats=8, warmup=1, alpha=0.25, device="cpu", block=block)
+        assert set(res["median_ms"]) == {"ce", "pgt", "pgt_a1", "paper_hook"}
+        assert res["repeats"] >= 8
+        assert res["ratio_vs_ce_paired"]["ce"] == 1.0
+        assert all(ms > 0 for ms in res["median_ms"].values())
