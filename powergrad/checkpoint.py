@@ -10,6 +10,10 @@ A checkpoint is one dict of plain containers and tensors:
   train loader's state;
 - ``config`` (resolved, plain dict), ``wandb_id``, ``git_sha``, ``best_val_top1``, ``wall_s``.
 
+``best.pt`` (written when val top-1 improves) keeps only ``model`` and the metadata that says
+what it is (``epoch``, ``step``, ``best_val_top1``, ``history``, ``config``, ``wandb_id``,
+``git_sha``): it is for evaluation and fine-tuning, and is half the size of ``last.pt``.
+
 Files are written to a temporary file in the same directory, fsynced and renamed over the
 target, so a kill at any moment leaves either the old or the new checkpoint, never a torn one.
 """

@@ -45,6 +45,18 @@ AMP_DTYPES: dict[str, torch.dtype | None] = {
     "fp16": torch.float16,
 }
 CHECKPOINT_FORMAT = "powergrad-checkpoint-v1"
+# What best.pt keeps of a checkpoint (it is never resumed from).
+BEST_KEYS = (
+    "format",
+    "model",
+    "epoch",
+    "step",
+    "best_val_top1",
+    "history",
+    "config",
+    "wandb_id",
+    "git_sha",
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -212,7 +224,9 @@ def save_checkpoint(
     }
     atomic_save(ckpt, ctx.run_dir / LAST)
     if best:
-        atomic_save(ckpt, ctx.run_dir / BEST)
+        # best.pt is for evaluation and fine-tuning: the weights and what identifies them. The
+        # optimizer, RNG and loader states (half the bytes for SGD with momentum) live in last.pt.
+        atomic_save({k: ckpt[k] for k in BEST_KEYS}, ctx.run_dir / BEST)
 
 
 def restore(ctx: TrainContext, ckpt: dict[str, Any], meter: EpochMeter) -> TrainState:

@@ -133,6 +133,8 @@ def test_fit_learns_and_writes_records_checkpoints_and_filter_norms(tmp_path):
     assert set(ckpt["model"]) == set(ctx.model.state_dict())
     best = load_checkpoint(tmp_path / "best.pt")
     assert best["best_val_top1"] == max(h["val_top1"] for h in history[: best["epoch"]])
+    # best.pt is the weights and their identity only; resuming state stays in last.pt.
+    assert set(best["model"]) == set(ckpt["model"]) and "optimizer" not in best
 
     norms = [json.loads(x) for x in (tmp_path / "filter_norms.jsonl").read_text().splitlines()]
     assert [r["step"] for r in norms] == [10, 20, 30, 40, 50, 60]

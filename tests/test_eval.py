@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,7 +62,8 @@ def trained_run(tmp_path_factory):
         )
     prepare_runtime(cfg)
     fit(build_context(cfg, run_dir, pgdist.setup("cpu")), TrainState())
-    return run_dir
+    yield run_dir
+    shutil.rmtree(run_dir)  # checkpoints: module-scoped dirs outlive tmp_path's cleanup
 
 
 def test_project_checkpoint_reproduces_the_runs_val_metrics(trained_run, tmp_path):

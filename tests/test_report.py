@@ -7,6 +7,7 @@ micro study run by scripts/cpu_study.py itself.
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -69,7 +70,8 @@ def runs_root(tmp_path_factory):
     _train(root / "sweep_a005", "+sweep=resnet18_alpha", "method.alpha=0.05")
     _train(root / "sweep_a1", "+sweep=resnet18_alpha", "method.alpha=1.0")
     torch.set_num_threads(threads)
-    return root
+    yield root
+    shutil.rmtree(root)  # checkpoints: module-scoped dirs outlive tmp_path's cleanup
 
 
 def _row_line(tables: str, start: str) -> str:
