@@ -87,6 +87,7 @@ def build_context(
         warmup_epochs=t.warmup_epochs,
         warmup_lr=s.warmup_lr,
         min_lr=s.min_lr,
+        cooldown_epochs=s.cooldown_epochs,
         milestones=milestone_epochs(list(s.milestones), t.epochs),
         decay_rate=s.decay_rate,
     )

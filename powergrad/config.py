@@ -115,6 +115,9 @@ class SchedConfig:
     warmup_lr: float = 4e-4
     # cosine: floor of the decay.
     min_lr: float = 0.0
+    # cosine: last epochs held at min_lr after the decay (timm's --cooldown-epochs). 0 = decay over
+    # all of trainer.epochs (the paper's text); sched=cosine_cooldown is the authors' README recipe.
+    cooldown_epochs: int = 0
     # step: decay points as fractions of trainer.epochs (0.3, 0.6, 0.9 = epochs 30, 60, 90 of 100).
     milestones: list[float] = field(default_factory=lambda: [0.3, 0.6, 0.9])
     # step: lr factor at each milestone.
@@ -419,6 +422,14 @@ def validate_train(cfg: DictConfig, world_size: int | None = None) -> None:
     for key in ("log_every_steps", "eval_every_epochs", "preempt_check_every_steps"):
         if t[key] < 1:
             raise ConfigError(f"trainer.{key}={t[key]}: must be >= 1")
+    cooldown = cfg.sched.cooldown_epochs
+    if cooldown and cfg.sched.name != "cosine":
+        raise ConfigError(f"sched.cooldown_epochs={cooldown}: only the cosine schedule has one")
+    if not 0 <= cooldown < t.epochs - t.warmup_epochs:
+        raise ConfigError(
+            f"sched.cooldown_epochs={cooldown}: must be >= 0 and leave epochs to decay after "
+            f"trainer.warmup_epochs={t.warmup_epochs} within trainer.epochs={t.epochs}"
+        )
     if cfg.sched.name == "step":
         epochs = milestone_epochs(cfg.sched.milestones, t.epochs)
         if epochs and not (t.warmup_epochs < epochs[0] and epochs[-1] < t.epochs):

@@ -89,19 +89,21 @@ def build_scheduler(
     warmup_epochs: float = 5,
     warmup_lr: float = 4e-4,
     min_lr: float = 0.0,
+    cooldown_epochs: int = 0,
     milestones: Sequence[int] = (30, 60, 90),
     decay_rate: float = 0.1,
 ) -> Scheduler:
     """Per-iteration warmup + cosine or step schedule as a timm scheduler.
 
-    With ``W = round(warmup_epochs * iters_per_epoch)``, ``T = epochs * iters_per_epoch`` and
-    ``peak`` the optimizer's lr, iteration ``i`` (0-based, the ``num_updates`` value before its
-    step) trains with:
+    With ``W = round(warmup_epochs * iters_per_epoch)``,
+    ``T = (epochs - cooldown_epochs) * iters_per_epoch`` and ``peak`` the optimizer's lr,
+    iteration ``i`` (0-based, the ``num_updates`` value before its step) trains with:
 
     - ``i < W``: ``warmup_lr + (peak - warmup_lr) * i / W`` (so ``lr(W) = peak``);
     - cosine, ``W <= i``: ``min_lr + (peak - min_lr) * (1 + cos(pi * (i - W) / (T - W))) / 2``,
       the warmup being a prefix, so the last iteration ``T - 1`` is within
-      ``(peak - min_lr) * (pi / (T - W))**2 / 4`` of ``min_lr`` (and ``lr(i >= T) = min_lr``);
+      ``(peak - min_lr) * (pi / (T - W))**2 / 4`` of ``min_lr`` (and ``lr(i >= T) = min_lr``,
+      which is the whole cooldown: timm train.py's ``--cooldown-epochs``);
     - step, ``W <= i``: ``peak * decay_rate**k`` with ``k`` the number of milestones ``m``
       with ``m * iters_per_epoch <= i``; milestones count epochs from the start of training,
       so epoch 30's first iteration is the first one at ``peak / 10``.
@@ -114,6 +116,8 @@ def build_scheduler(
         warmup_epochs: warmup length in epochs (may be fractional; 0 disables warmup).
         warmup_lr: lr at iteration 0.
         min_lr: cosine floor (ignored by ``"step"``).
+        cooldown_epochs: cosine only: the last epochs, trained at ``min_lr`` after the decay
+            (the authors' README: 90 cosine epochs + 10 cooldown epochs = 100).
         milestones: step-schedule decay epochs, strictly increasing, within ``(warmup, epochs)``.
         decay_rate: step-schedule factor per milestone.
 
@@ -127,6 +131,15 @@ def build_scheduler(
             raise ValueError(f"{label} must be a positive int, got {value!r}")
     if not 0 <= warmup_epochs < epochs:
         raise ValueError(f"warmup_epochs must be in [0, epochs={epochs}), got {warmup_epochs}")
+    if isinstance(cooldown_epochs, bool) or not isinstance(cooldown_epochs, int):
+        raise ValueError(f"cooldown_epochs must be an int, got {cooldown_epochs!r}")
+    if cooldown_epochs and name != "cosine":
+        raise ValueError(f"cooldown_epochs applies to the cosine schedule, not {name!r}")
+    if not 0 <= cooldown_epochs < epochs - warmup_epochs:
+        raise ValueError(
+            f"cooldown_epochs={cooldown_epochs} must leave some decay after "
+            f"warmup_epochs={warmup_epochs} within epochs={epochs}"
+        )
     if warmup_lr < 0 or min_lr < 0:
         raise ValueError(f"warmup_lr and min_lr must be >= 0, got {warmup_lr}, {min_lr}")
     peaks = {g.get("initial_lr", g["lr"]) for g in optimizer.param_groups}
@@ -136,12 +149,12 @@ def build_scheduler(
     if name == "cosine" and min_lr > peak:
         raise ValueError(f"min_lr={min_lr} exceeds the peak lr {peak}")
 
-    total = epochs * iters_per_epoch
     warmup = round(warmup_epochs * iters_per_epoch)
     if name == "cosine":
+        decay_end = (epochs - cooldown_epochs) * iters_per_epoch
         return CosineLRScheduler(
             optimizer,
-            t_initial=total - warmup,
+            t_initial=decay_end - warmup,  # past it (the cooldown), timm holds lr_min
             lr_min=min_lr,
             warmup_t=warmup,
             warmup_lr_init=warmup_lr,

@@ -77,6 +77,15 @@ def test_paper_trainer_and_step_schedule():
     assert cfg.optim.lr_per_256 == 0.1 and cfg.optim.nesterov is True
 
 
+def test_authors_readme_schedule_composes():
+    cfg = _compose(
+        "trainer=paper", "trainer.device=cpu", "trainer.precision=fp32", "sched=cosine_cooldown"
+    )
+    validate_train(cfg, world_size=4)
+    s = cfg.sched
+    assert (s.name, s.cooldown_epochs, s.min_lr, cfg.trainer.epochs) == ("cosine", 10, 1e-5, 100)
+
+
 def test_public_overrides_reach_the_config(tmp_path):
     cfg = _compose(
         "method=pgt",
@@ -141,6 +150,8 @@ def test_wrong_type_fails_at_composition():
         (["data=imagenet", "data.root=/no/such/dir"], "no such directory"),
         (["trainer.warmup_epochs=30"], "warmup_epochs"),
         (["sched=step", "sched.milestones=[1.5]"], "fraction"),
+        (["sched=step", "sched.cooldown_epochs=1"], "only the cosine"),
+        (["sched=cosine_cooldown", "trainer.epochs=10"], "cooldown_epochs=10"),
         (["logger.mode=sometimes"], "logger.mode"),
     ],
 )

@@ -118,6 +118,22 @@ def test_cosine_with_min_lr(resnet18):
     assert _lr_at(scheduler, optimizer, TOTAL + 5) == pytest.approx(1e-5)
 
 
+def test_cosine_with_cooldown_holds_min_lr_for_the_last_epochs(resnet18):
+    """The authors' README recipe: cosine until epoch 90, then 10 epochs at min_lr."""
+    optimizer = build_optimizer(resnet18, global_batch=1024)
+    scheduler = build_scheduler(
+        optimizer, name="cosine", epochs=EPOCHS, iters_per_epoch=IPE, min_lr=1e-5,
+        cooldown_epochs=10,
+    )  # fmt: skip
+    decay_end = 90 * IPE
+    assert _lr_at(scheduler, optimizer, WARMUP) == pytest.approx(0.4)
+    half = WARMUP + (decay_end - WARMUP) // 2
+    assert _lr_at(scheduler, optimizer, half) == pytest.approx(0.2 + 1e-5 / 2, abs=1e-5)
+    assert _lr_at(scheduler, optimizer, decay_end - 1) > 1e-5
+    for i in (decay_end, decay_end + 1, 95 * IPE, TOTAL - 1):
+        assert _lr_at(scheduler, optimizer, i) == pytest.approx(1e-5, rel=1e-12), i
+
+
 def test_step_pinned_iterations(resnet18):
     optimizer = build_optimizer(resnet18, global_batch=1024)
     scheduler = build_scheduler(optimizer, name="step", epochs=EPOCHS, iters_per_epoch=IPE)
@@ -218,6 +234,10 @@ def test_resume_restores_the_schedule(resnet18, tmp_path):
         {"name": "step", "milestones": (30, 60, 100)},
         {"name": "step", "milestones": (5, 60)},
         {"name": "step", "decay_rate": 1.5},
+        {"cooldown_epochs": 95},
+        {"cooldown_epochs": -1},
+        {"cooldown_epochs": 2.5},
+        {"name": "step", "cooldown_epochs": 10},
     ],
 )
 def test_invalid_schedules_are_refused(resnet18, overrides):
