@@ -22,7 +22,7 @@ from powergrad.data.sampling import STREAM_RANK, derive_seed
 from powergrad.engine import EpochMeter, TrainContext, TrainState, fit, restore
 from powergrad.method import build_clipper, build_criterion, method_tags
 from powergrad.models import build_model
-from powergrad.optim import build_optimizer, build_scheduler
+from powergrad.optim import build_optimizer, build_scheduler, fused_sgd_allowed
 from powergrad.preemption import MARKER, Preempted, PreemptionWatcher
 from powergrad.tracking import Tracker, git_sha
 
@@ -78,6 +78,7 @@ def build_context(
         model,
         global_batch=t.batch_size,
         **{k: cfg.optim[k] for k in ("lr_per_256", "momentum", "weight_decay", "nesterov")},
+        fused=fused_sgd_allowed(t.precision),
     )
     scheduler = build_scheduler(
         optimizer,

@@ -25,7 +25,7 @@ from torch import nn
 
 from powergrad.models import unwrap_model
 
-__all__ = ["SCHEDULE_NAMES", "build_optimizer", "build_scheduler", "peak_lr"]
+__all__ = ["SCHEDULE_NAMES", "build_optimizer", "build_scheduler", "fused_sgd_allowed", "peak_lr"]
 
 SCHEDULE_NAMES: tuple[str, ...] = ("cosine", "step")
 
@@ -44,6 +44,18 @@ def peak_lr(lr_per_256: float, global_batch: int) -> float:
     return lr_per_256 * global_batch / 256
 
 
+def fused_sgd_allowed(precision: str) -> bool:
+    """Whether the trainer may use fused SGD at this precision: not under fp16's GradScaler.
+
+    A step the scaler skips (routine while fp16 searches for its scale) must leave the optimizer
+    state untouched. Fused SGD takes the skip inside its kernel instead, and when the skipped step
+    is the first one its momentum buffers stay as ``torch.empty_like`` left them, uninitialized
+    (tests/test_optim.py shows it on the CPU); on CUDA it is also reported to advance them on
+    skipped steps (LibreYOLO/libreyolo#771, torch 2.11). fp32 and bf16 have no scaler.
+    """
+    return precision != "fp16"
+
+
 def build_optimizer(
     model: nn.Module,
     *,
@@ -52,6 +64,7 @@ def build_optimizer(
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
     nesterov: bool = True,
+    fused: bool = False,
 ) -> torch.optim.SGD:
     """SGD over two parameter groups: decayed weights and non-decayed biases/norm parameters.
 
@@ -66,6 +79,10 @@ def build_optimizer(
         momentum: SGD momentum.
         weight_decay: L2 coefficient on conv/linear weights.
         nesterov: Nesterov momentum (the paper's setting).
+        fused: torch's single-kernel SGD: the default multi-tensor update up to float
+            rounding (4e-9 apart after 4 ResNet-18 steps, tests/test_optim.py), in a third to a
+            fifth of its CPU time per step (scripts/bench_train.py measures the whole step).
+            Never with an fp16 GradScaler (see :func:`fused_sgd_allowed`).
     """
     lr = peak_lr(lr_per_256, global_batch)
     if not 0 <= momentum < 1:
@@ -77,7 +94,7 @@ def build_optimizer(
     bare = unwrap_model(model)
     no_decay_names = bare.no_weight_decay() if hasattr(bare, "no_weight_decay") else ()
     groups = param_groups_weight_decay(bare, weight_decay, no_weight_decay_list=no_decay_names)
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, fused=fused)
 
 
 def build_scheduler(

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from powergrad.models import build_model
-from powergrad.optim import build_optimizer, build_scheduler, peak_lr
+from powergrad.optim import build_optimizer, build_scheduler, fused_sgd_allowed, peak_lr
 
 # The paper's ImageNet setting: global batch 1024, 100 epochs; 1,281,167 training images give
 # 1251 full batches of 1024 per epoch (the training loader drops the last partial batch).
@@ -245,3 +245,48 @@ def test_invalid_schedules_are_refused(resnet18, overrides):
     kwargs = {"name": "cosine", "epochs": EPOCHS, "iters_per_epoch": IPE} | overrides
     with pytest.raises(ValueError):
         build_scheduler(optimizer, **kwargs)
+
+
+def test_fused_sgd_takes_the_same_steps_up_to_rounding():
+    """Real ResNet-18 forward/backward steps: fused SGD (the trainer's fp32/bf16 choice) equals the
+    default multi-tensor SGD up to float rounding, decay groups and Nesterov included."""
+    torch.manual_seed(0)
+    base = build_model("resnet18", num_classes=10)
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    target = torch.tensor([0, 3, 5, 9])
+    weights = {}
+    for fused in (False, True):
+        model = build_model("resnet18", num_classes=10)
+        model.load_state_dict(base.state_dict())
+        optimizer = build_optimizer(model, global_batch=256, fused=fused)
+        for _ in range(4):
+            optimizer.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(images), target).backward()
+            optimizer.step()
+        weights[fused] = model.state_dict()
+        assert optimizer.param_groups[0]["fused"] is fused
+    for name, value in weights[False].items():
+        torch.testing.assert_close(weights[True][name], value, rtol=1e-6, atol=1e-7, msg=name)
+    assert any(not torch.equal(weights[True][k], v) for k, v in weights[False].items()), (
+        "fused SGD was not used (fused and multi-tensor updates round differently)"
+    )
+
+
+def test_fused_sgd_is_refused_under_an_fp16_grad_scaler():
+    assert fused_sgd_allowed("fp32") and fused_sgd_allowed("bf16")
+    assert not fused_sgd_allowed("fp16")
+    # Why: a first step the scaler skips must leave no optimizer state. The default SGD does;
+    # fused SGD keeps momentum buffers made by torch.empty_like and never written.
+    states = {}
+    for fused in (False, True):
+        model = torch.nn.Linear(4, 3)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=fused)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        loss = model(torch.full((2, 4), float("inf"))).sum()  # an overflowing step
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        scaler.step(optimizer)
+        scaler.update()
+        assert scaler.get_scale() == 2.0**15  # the scaler saw the overflow and backed off
+        states[fused] = [s.get("momentum_buffer") for s in optimizer.state.values()]
+    assert states[False] == [] and len(states[True]) == 2
