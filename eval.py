@@ -14,11 +14,12 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from powergrad import distributed as pgdist
+from powergrad.build import build_run_loaders
 from powergrad.config import ConfigError, register_configs, validate_eval
-from powergrad.data import DatasetError, build_loaders
+from powergrad.data import DatasetError
 from powergrad.engine import AMP_DTYPES, evaluate
 from powergrad.models import build_model, load_state_dict_strict, load_timm_checkpoint
 from powergrad.tracking import git_sha, write_json_atomic
@@ -33,15 +34,7 @@ def run_eval(cfg: DictConfig) -> dict:
     if cfg.batch_size % info.world_size:
         raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by {info.world_size}")
     torch.manual_seed(cfg.seed)
-    loaders = build_loaders(
-        OmegaConf.to_object(cfg.data),
-        OmegaConf.to_object(cfg.loader),
-        batch_size=cfg.batch_size // info.world_size,
-        rank=info.rank,
-        world_size=info.world_size,
-        device=info.device,
-        seed=cfg.seed,
-    )
+    loaders = build_run_loaders(cfg, info, cfg.batch_size)
     model = build_model(cfg.model.name, loaders.num_classes, drop_rate=cfg.model.drop_rate)
     path = str(Path(cfg.checkpoint).expanduser())
     try:

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from powergrad import distributed as pgdist
 from powergrad.checkpoint import LAST, load_checkpoint
 from powergrad.config import milestone_epochs
-from powergrad.data import build_loaders
+from powergrad.data import Loaders, Shard, build_loaders
 from powergrad.data.sampling import STREAM_RANK, derive_seed
 from powergrad.engine import EpochMeter, TrainContext, TrainState, fit, restore
 from powergrad.method import build_clipper, build_criterion, method_tags
@@ -26,7 +26,13 @@ from powergrad.optim import build_optimizer, build_scheduler, fused_sgd_allowed
 from powergrad.preemption import MARKER, Preempted, PreemptionWatcher
 from powergrad.tracking import Tracker, git_sha
 
-__all__ = ["CONFIG_FILE", "build_context", "prepare_runtime", "run_training"]
+__all__ = [
+    "CONFIG_FILE",
+    "build_context",
+    "build_run_loaders",
+    "prepare_runtime",
+    "run_training",
+]
 
 # The resolved config of the run's first start; trainer.resume checks against it.
 CONFIG_FILE = "config.yaml"
@@ -44,6 +50,22 @@ def prepare_runtime(cfg: DictConfig) -> None:
     torch.manual_seed(cfg.seed)
 
 
+def build_run_loaders(cfg: DictConfig, info: pgdist.DistInfo, global_batch: int) -> Loaders:
+    """cfg.data / cfg.loader's loaders for this process, seeded by cfg.seed.
+
+    `global_batch` is split evenly over the ranks; the callers check it is a multiple of the
+    world size (validate_train, eval.py).
+    """
+    shard = Shard(
+        batch_size=global_batch // info.world_size,
+        rank=info.rank,
+        world_size=info.world_size,
+        device=info.device,
+        seed=cfg.seed,
+    )
+    return build_loaders(OmegaConf.to_object(cfg.data), OmegaConf.to_object(cfg.loader), shard)
+
+
 def build_context(
     cfg: DictConfig,
     run_dir: Path,
@@ -55,15 +77,7 @@ def build_context(
 ) -> TrainContext:
     """Loaders, model (DDP / compiled as configured), optimizer, schedule, method, tracker."""
     t, m, s = cfg.trainer, cfg.method, cfg.sched
-    loaders = build_loaders(
-        OmegaConf.to_object(cfg.data),
-        OmegaConf.to_object(cfg.loader),
-        batch_size=t.batch_size // info.world_size,
-        rank=info.rank,
-        world_size=info.world_size,
-        device=info.device,
-        seed=cfg.seed,
-    )
+    loaders = build_run_loaders(cfg, info, t.batch_size)
     model = build_model(cfg.model.name, loaders.num_classes, drop_rate=cfg.model.drop_rate)
     model = model.to(info.device, memory_format=torch.channels_last if t.channels_last else None)
     if info.rank:

@@ -28,7 +28,7 @@ import torch
 # Running as `python scripts/bench_data.py` from the repo root: make `powergrad` importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from powergrad.data import DataConfig, LoaderConfig, build_loaders
+from powergrad.data import DataConfig, LoaderConfig, Shard, build_loaders
 from powergrad.data.generate import write_image_folder
 
 CLASSES = 4
@@ -79,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     loaders = {}
     for name, (loader, device) in runs.items():
-        built = build_loaders(
-            data, loader, batch_size=args.batch, rank=0, world_size=1, device=device, seed=0
-        )
+        built = build_loaders(data, loader, Shard(args.batch, device=device))
         timed_epoch(built.train, 0, device)  # warm-up
         loaders[name] = built.train
     rates: dict[str, list[float]] = {name: [] for name in runs}

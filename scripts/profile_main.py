@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from powergrad.data import DataConfig, LoaderConfig, build_loaders  # noqa: E402
+from powergrad.data import DataConfig, LoaderConfig, Shard, build_loaders  # noqa: E402
 from powergrad.data.digits import materialize_digits  # noqa: E402
 from powergrad.data.layout import check_dataset, default_cache_dir  # noqa: E402
 from powergrad.data.sampling import STREAM_AUGMENT, derive_seed  # noqa: E402
@@ -104,9 +104,8 @@ def section_loader(rounds: int, tmp: Path) -> dict:
     """Loader-only images/s with 2 workers (the main job's setting), now vs before, interleaved."""
     data = DataConfig()
     loader_cfg = LoaderConfig(backend="torch", workers=2, prefetch=2)
-    kw = {"batch_size": 128, "rank": 0, "world_size": 1, "device": torch.device("cpu"), "seed": 0}
-    now = build_loaders(data, loader_cfg, **kw).train
-    before = build_loaders(data, loader_cfg, **kw).train
+    now = build_loaders(data, loader_cfg, Shard(128)).train
+    before = build_loaders(data, loader_cfg, Shard(128)).train
     # Same object layout: swapping the class before the workers fork gives the old __getitem__.
     before.loader.dataset.__class__ = ImageFilesBeforeFix
     times: dict[str, list[float]] = {"now": [], "before": []}

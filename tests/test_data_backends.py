@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from powergrad.data import DataConfig, DatasetError, LoaderConfig, build_loaders
+from powergrad.data import DataConfig, DatasetError, LoaderConfig, Shard, build_loaders
 from powergrad.data.digits import materialize_digits
 from powergrad.data.generate import write_image_folder, write_odd_files
 from powergrad.data.torch_backend import load_rgb
@@ -40,15 +40,8 @@ def digits_cfg(tmp_path_factory):
 
 
 def build(data, backend, *, batch_size, rank=0, world_size=1, seed=0, workers=1):
-    return build_loaders(
-        data,
-        LoaderConfig(backend=backend, workers=workers),
-        batch_size=batch_size,
-        rank=rank,
-        world_size=world_size,
-        device=CPU,
-        seed=seed,
-    )
+    shard = Shard(batch_size, rank, world_size, CPU, seed)
+    return build_loaders(data, LoaderConfig(backend=backend, workers=workers), shard)
 
 
 def collect(batches):
@@ -263,6 +256,10 @@ def test_config_rejects_bad_values():
         DataConfig(name="synthetic")
     with pytest.raises(ValueError, match=r"loader\.backend"):
         LoaderConfig(backend="ffcv")
+    for bad in ({"batch_size": 0}, {"batch_size": 4, "rank": 2, "world_size": 2}):
+        with pytest.raises(ValueError, match="batch_size="):
+            Shard(**bad)
+    assert Shard(4, device="cpu").device == CPU
 
 
 @pytest.mark.gpu
@@ -270,9 +267,9 @@ def test_dali_mixed_contract_resume_and_val(digits_cfg, photo_folder):
     """Mixed (nvJPEG) decode + GPU operators: batches on the GPU, exact resume, val close to
     the CPU reference (nvJPEG's IDCT / chroma upsampling differ from libjpeg-turbo slightly)."""
     cuda = torch.device("cuda")
-    kwargs = {"batch_size": 96, "rank": 0, "world_size": 1, "device": cuda, "seed": 0}
+    shard = Shard(96, device=cuda)
     gpu_loader = LoaderConfig(backend="dali", workers=2)
-    loaders = build_loaders(digits_cfg, gpu_loader, **kwargs)
+    loaders = build_loaders(digits_cfg, gpu_loader, shard)
     full, saved = [], None
     for k, (x, y) in enumerate(loaders.train.epoch(1)):
         assert x.device.type == "cuda" and y.device.type == "cuda" and y.dtype == torch.int64
@@ -283,7 +280,7 @@ def test_dali_mixed_contract_resume_and_val(digits_cfg, photo_folder):
     with pytest.warns(UserWarning, match="replaying"):
         tail = [x for x, _ in loaders.train.epoch(1, start_batch=4)]
     assert all(torch.equal(p, q) for p, q in zip(full[4:], tail, strict=True))
-    resumed = build_loaders(digits_cfg, gpu_loader, **kwargs)
+    resumed = build_loaders(digits_cfg, gpu_loader, shard)
     resumed.train.load_state_dict(saved)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -294,7 +291,7 @@ def test_dali_mixed_contract_resume_and_val(digits_cfg, photo_folder):
     data = DataConfig(name="imagenet", root=str(root), image_size=56)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        gpu_val = collect(build_loaders(data, gpu_loader, **{**kwargs, "batch_size": 4}).val)
+        gpu_val = collect(build_loaders(data, gpu_loader, Shard(4, device=cuda)).val)
         cpu_val = collect(build(data, "torch", batch_size=4).val)
     assert torch.equal(torch.cat(gpu_val[1]).cpu(), torch.cat(cpu_val[1]))
     diff = (torch.cat(gpu_val[0]).cpu() - torch.cat(cpu_val[0])).abs()

@@ -7,10 +7,9 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from powergrad.data import DataConfig, LoaderConfig, build_loaders
+from powergrad.data import DataConfig, LoaderConfig, Shard, build_loaders
 from powergrad.data.digits import DIGITS_SIZE, digits_root, digits_split, materialize_digits
 
 
@@ -75,15 +74,7 @@ def test_default_root_from_env(tmp_path, monkeypatch):
     """data.root=None reads digits from $POWERGRAD_CACHE, through the file readers."""
     monkeypatch.setenv("POWERGRAD_CACHE", str(tmp_path))
     data = DataConfig(name="digits", image_size=32, val_resize_ratio=1.0, hflip=False)
-    loaders = build_loaders(
-        data,
-        LoaderConfig(backend="torch", workers=0),
-        batch_size=128,
-        rank=0,
-        world_size=1,
-        device=torch.device("cpu"),
-        seed=0,
-    )
+    loaders = build_loaders(data, LoaderConfig(backend="torch", workers=0), Shard(128))
     assert (tmp_path / digits_root(tmp_path).name / ".complete").is_file()
     assert (loaders.num_classes, loaders.train_images, loaders.val_images) == (10, 1437, 360)
     assert loaders.classes == [str(d) for d in range(10)]

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from powergrad.data import DataConfig, DatasetError, LoaderConfig, build_loaders
+from powergrad.data import DataConfig, DatasetError, LoaderConfig, Shard, build_loaders
 from powergrad.data.generate import (
     corrupt_huffman_jpeg,
     jpeg_bytes,
@@ -138,11 +137,11 @@ def test_check_dataset_manifest_makes_both_backends_skip(tmp_path, capsys):
     bogus = corrupt_huffman_jpeg(root / "train" / wnid / "bogus_huffman.JPEG")
     data = DataConfig(name="imagenet", root=str(root), image_size=24)
     loader = LoaderConfig(backend="torch", workers=0)
-    kwargs = {"batch_size": 3, "rank": 0, "world_size": 1, "device": torch.device("cpu"), "seed": 0}
+    shard = Shard(3)
     # Without the manifest the header check passes it; batch 3 x 3 steps reads all 9 train
     # files, so decoding reaches it and fails, naming the file.
     with pytest.warns(UserWarning):
-        unscanned = build_loaders(data, loader, **kwargs)
+        unscanned = build_loaders(data, loader, shard)
     with pytest.raises(RuntimeError, match=r"bogus_huffman\.JPEG"):
         list(unscanned.train.epoch(0))
 
@@ -155,14 +154,14 @@ def test_check_dataset_manifest_makes_both_backends_skip(tmp_path, capsys):
 
     for backend in ("torch", "dali"):
         with pytest.warns(UserWarning, match=r"bogus_huffman\.JPEG"):
-            loaders = build_loaders(data, LoaderConfig(backend=backend, workers=1), **kwargs)
+            loaders = build_loaders(data, LoaderConfig(backend=backend, workers=1), shard)
         assert loaders.train_images == 8 and loaders.val_images == 2 + len(odd["good"])
         batches = list(loaders.train.epoch(0))
         assert len(batches) == 8 // 3 and all(x.shape == (3, 3, 24, 24) for x, _ in batches)
         assert sum(len(y) for _, y in loaders.val) == loaders.val_images
     with pytest.raises(DatasetError, match=r"bogus_huffman\.JPEG"):
         build_loaders(
-            DataConfig(name="imagenet", root=str(root), on_bad_file="error"), loader, **kwargs
+            DataConfig(name="imagenet", root=str(root), on_bad_file="error"), loader, shard
         )
 
 

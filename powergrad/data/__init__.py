@@ -1,7 +1,8 @@
 """Data loading: one batch contract, three backends (dali, torch, synthetic).
 
 `build_loaders` checks the dataset folder first (errors name the paths), then builds a
-TrainLoader and an EvalLoader for this rank:
+TrainLoader and an EvalLoader for this rank, placed by a `Shard` (per-rank batch size, rank,
+world_size, device, seed; it validates them):
 
 TrainLoader
     len(train): full batches per epoch on this rank, the same on every rank (the last partial
@@ -23,9 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from powergrad.data.config import DataConfig, LoaderConfig, val_resize_size
+from powergrad.data.config import DataConfig, LoaderConfig, Shard, val_resize_size
 from powergrad.data.layout import DatasetError, Listing, check_dataset, default_cache_dir
 
 __all__ = [
@@ -34,6 +33,7 @@ __all__ = [
     "Listing",
     "LoaderConfig",
     "Loaders",
+    "Shard",
     "build_loaders",
     "check_dataset",
     "dataset_root",
@@ -66,33 +66,20 @@ def dataset_root(data: DataConfig) -> str:
     return data.root
 
 
-def build_loaders(
-    data: DataConfig,
-    loader: LoaderConfig,
-    *,
-    batch_size: int,
-    rank: int,
-    world_size: int,
-    device: torch.device,
-    seed: int,
-) -> Loaders:
-    """Check the dataset and build this rank's train and val loaders.
+def build_loaders(data: DataConfig, loader: LoaderConfig, shard: Shard) -> Loaders:
+    """Check the dataset and build the train and val loaders of `shard`.
 
-    batch_size is per rank. Raises DatasetError (naming paths) for a missing root or split, an
-    empty class, a train/val class mismatch, bad files with data.on_bad_file=error, or a dataset
-    too small for one batch per rank.
+    Raises DatasetError (naming paths) for a missing root or split, an empty class, a train/val
+    class mismatch, bad files with data.on_bad_file=error, or a dataset too small for one batch
+    per rank.
     """
-    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"batch_size={batch_size}, rank={rank}, world_size={world_size}")
-    device = torch.device(device)
-    shard = {"batch_size": batch_size, "rank": rank, "world_size": world_size, "device": device}
     if data.name == "synthetic":
         from powergrad.data.synthetic import SyntheticEvalLoader, SyntheticTrainLoader
 
         num_classes = int(data.num_classes)
         return Loaders(
-            train=SyntheticTrainLoader(data, num_classes, seed=seed, **shard),
-            val=SyntheticEvalLoader(data, num_classes, seed=seed, **shard),
+            train=SyntheticTrainLoader(data, num_classes, shard),
+            val=SyntheticEvalLoader(data, num_classes, shard),
             num_classes=num_classes,
             classes=[str(i) for i in range(num_classes)],
             train_images=data.synthetic_train_images,
@@ -111,23 +98,23 @@ def build_loaders(
             f"data.num_classes={data.num_classes} but {listing.root}/train has "
             f"{num_classes} class folders"
         )
-    if len(listing.train) // world_size < batch_size:
+    if len(listing.train) // shard.world_size < shard.batch_size:
         raise DatasetError(
             f"{len(listing.train)} train images in {listing.root} give less than one batch of "
-            f"{batch_size} per rank on {world_size} rank(s)"
+            f"{shard.batch_size} per rank on {shard.world_size} rank(s)"
         )
     files = {split: listing.files(split) for split in ("train", "val")}
     labels = {split: listing.labels(split) for split in ("train", "val")}
     if loader.backend == "torch":
         from powergrad.data.torch_backend import TorchEvalLoader, TorchTrainLoader
 
-        train = TorchTrainLoader(files["train"], labels["train"], data, loader, seed=seed, **shard)
-        val = TorchEvalLoader(files["val"], labels["val"], data, loader, **shard)
+        train = TorchTrainLoader(files["train"], labels["train"], data, loader, shard)
+        val = TorchEvalLoader(files["val"], labels["val"], data, loader, shard)
     else:
         from powergrad.data.dali_backend import DaliEvalLoader, DaliTrainLoader
 
-        train = DaliTrainLoader(files["train"], labels["train"], data, loader, seed=seed, **shard)
-        val = DaliEvalLoader(files["val"], labels["val"], data, loader, **shard)
+        train = DaliTrainLoader(files["train"], labels["train"], data, loader, shard)
+        val = DaliEvalLoader(files["val"], labels["val"], data, loader, shard)
     return Loaders(
         train,
         val,

@@ -1,8 +1,11 @@
-"""Typed configuration for the data pipeline (Hydra groups `data` and `loader`)."""
+"""Typed configuration for the data pipeline (Hydra groups `data` and `loader`), and `Shard`:
+where one process's loaders run."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import torch
 
 # ImageNet channel statistics on the 0-1 scale (torchvision / timm convention).
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -11,6 +14,7 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 DATASETS = ("digits", "imagenet", "synthetic")
 BACKENDS = ("dali", "torch")
 BAD_FILE_POLICIES = ("skip", "error")
+_CPU = torch.device("cpu")
 
 
 @dataclass
@@ -80,6 +84,27 @@ class LoaderConfig:
             raise ValueError(f"loader.workers={self.workers}: must be >= 0")
         if self.prefetch < 1:
             raise ValueError(f"loader.prefetch={self.prefetch}: must be >= 1")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Where this process's loaders run: rank of world_size, per-rank batch, device, run seed.
+
+    Defaults: one process on the CPU, seed 0. `device` may be given as a string ("cuda:1").
+    """
+
+    batch_size: int  # per rank: the global batch / world_size
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = _CPU
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(
+                f"batch_size={self.batch_size}, rank={self.rank}, world_size={self.world_size}"
+            )
+        object.__setattr__(self, "device", torch.device(self.device))
 
 
 def val_resize_size(data: DataConfig) -> int:

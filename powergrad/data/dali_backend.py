@@ -27,7 +27,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from powergrad.data.config import DataConfig, LoaderConfig, val_resize_size
+from powergrad.data.config import DataConfig, LoaderConfig, Shard, val_resize_size
 from powergrad.data.sampling import (
     STREAM_DALI,
     derive_seed,
@@ -145,18 +145,11 @@ class DaliTrainLoader:
         labels: Sequence[int],
         data: DataConfig,
         loader: LoaderConfig,
-        *,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        device: torch.device,
-        seed: int,
+        shard: Shard,
     ) -> None:
         self.files, self.labels = list(files), list(labels)
-        self.data, self.loader = data, loader
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.device, self.seed = device, seed
-        self.steps = train_steps(len(self.files), batch_size, world_size)
+        self.data, self.loader, self.shard = data, loader, shard
+        self.steps = train_steps(len(self.files), shard.batch_size, shard.world_size)
         self._iterator: DALIGenericIterator | None = None
         self._epoch, self._next_batch = 0, 0
         self._resume: dict = {}
@@ -167,19 +160,20 @@ class DaliTrainLoader:
     def _build(self, epoch: int, checkpoint: bytes | None) -> DALIGenericIterator:
         # Cut to full global batches and laid out so the reader's contiguous shard r holds rank
         # r's slice of every global batch (see powergrad.data.sampling).
+        s = self.shard
         order = sharded_order(
-            epoch_permutation(len(self.files), self.seed, epoch), self.batch_size, self.world_size
+            epoch_permutation(len(self.files), s.seed, epoch), s.batch_size, s.world_size
         )
         pipe = train_pipeline(
             [self.files[i] for i in order],
             [self.labels[i] for i in order],
-            self.rank,
-            self.world_size,
+            s.rank,
+            s.world_size,
             self.data,
-            self.device.type == "cuda",
-            seed=derive_seed(self.seed, epoch, self.rank, self.world_size, STREAM_DALI),
+            s.device.type == "cuda",
+            seed=derive_seed(s.seed, epoch, s.rank, s.world_size, STREAM_DALI),
             checkpoint=checkpoint,
-            **_pipe_kwargs(self.loader, self.batch_size, self.device),
+            **_pipe_kwargs(self.loader, s.batch_size, s.device),
         )
         pipe.build()
         return DALIGenericIterator(
@@ -213,7 +207,7 @@ class DaliTrainLoader:
                 batch = next(self._iterator)
                 self._next_batch += 1
                 if self._next_batch > start_batch:
-                    yield _to_contract(batch, self.device)
+                    yield _to_contract(batch, self.shard.device)
         finally:
             # Drop the pipeline (its threads and buffers) once the epoch is over or abandoned.
             self._iterator = None
@@ -243,24 +237,20 @@ class DaliEvalLoader:
         labels: Sequence[int],
         data: DataConfig,
         loader: LoaderConfig,
-        *,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        device: torch.device,
+        shard: Shard,
     ) -> None:
-        self.device = device
-        start, stop = shard_range(len(files), rank, world_size)
-        self.batches = -(-(stop - start) // batch_size)
+        self.device = shard.device
+        start, stop = shard_range(len(files), shard.rank, shard.world_size)
+        self.batches = -(-(stop - start) // shard.batch_size)
         pipe = val_pipeline(
             list(files),
             list(labels),
-            rank,
-            world_size,
+            shard.rank,
+            shard.world_size,
             data,
-            device.type == "cuda",
+            shard.device.type == "cuda",
             seed=0,
-            **_pipe_kwargs(loader, batch_size, device),
+            **_pipe_kwargs(loader, shard.batch_size, shard.device),
         )
         pipe.build()
         self.iterator = DALIGenericIterator(

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import torch
 
-from powergrad.data.config import DataConfig
+from powergrad.data.config import DataConfig, Shard
 from powergrad.data.sampling import STREAM_SYNTHETIC, derive_seed, shard_range, train_steps
 
 
@@ -28,21 +28,10 @@ def _batch(
 class SyntheticTrainLoader:
     """`len` full batches of one fixed random batch per epoch (TrainLoader contract)."""
 
-    def __init__(
-        self,
-        data: DataConfig,
-        num_classes: int,
-        *,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        device: torch.device,
-        seed: int,
-    ) -> None:
-        self.steps = train_steps(data.synthetic_train_images, batch_size, world_size)
-        self.batch = _batch(
-            batch_size, data, num_classes, device, derive_seed(seed, rank, STREAM_SYNTHETIC)
-        )
+    def __init__(self, data: DataConfig, num_classes: int, shard: Shard) -> None:
+        self.steps = train_steps(data.synthetic_train_images, shard.batch_size, shard.world_size)
+        seed = derive_seed(shard.seed, shard.rank, STREAM_SYNTHETIC)
+        self.batch = _batch(shard.batch_size, data, num_classes, shard.device, seed)
 
     def __len__(self) -> int:
         return self.steps
@@ -65,22 +54,11 @@ class SyntheticTrainLoader:
 class SyntheticEvalLoader:
     """This rank's shard of synthetic_val_images, in batches (the last one may be smaller)."""
 
-    def __init__(
-        self,
-        data: DataConfig,
-        num_classes: int,
-        *,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        device: torch.device,
-        seed: int,
-    ) -> None:
-        start, stop = shard_range(data.synthetic_val_images, rank, world_size)
-        self.count, self.batch_size = stop - start, batch_size
-        self.batch = _batch(
-            batch_size, data, num_classes, device, derive_seed(seed, rank, STREAM_SYNTHETIC, 1)
-        )
+    def __init__(self, data: DataConfig, num_classes: int, shard: Shard) -> None:
+        start, stop = shard_range(data.synthetic_val_images, shard.rank, shard.world_size)
+        self.count, self.batch_size = stop - start, shard.batch_size
+        seed = derive_seed(shard.seed, shard.rank, STREAM_SYNTHETIC, 1)
+        self.batch = _batch(shard.batch_size, data, num_classes, shard.device, seed)
 
     def __len__(self) -> int:
         return -(-self.count // self.batch_size)

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
 
-from powergrad.data.config import DataConfig, LoaderConfig, val_resize_size
+from powergrad.data.config import DataConfig, LoaderConfig, Shard, val_resize_size
 from powergrad.data.sampling import (
     STREAM_AUGMENT,
     derive_seed,
@@ -86,10 +86,9 @@ class ImageFiles(Dataset):
 class _EpochBatches(Sampler):
     """Batch sampler over (epoch, index) keys; `configure` picks the epoch and start batch."""
 
-    def __init__(self, n: int, batch_size: int, rank: int, world_size: int, seed: int) -> None:
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.steps = train_steps(n, batch_size, world_size)
+    def __init__(self, n: int, shard: Shard) -> None:
+        self.n, self.shard = n, shard
+        self.steps = train_steps(n, shard.batch_size, shard.world_size)
         self.epoch, self.start_batch = 0, 0
 
     def configure(self, epoch: int, start_batch: int) -> None:
@@ -99,11 +98,12 @@ class _EpochBatches(Sampler):
         return self.steps - self.start_batch
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        order = epoch_permutation(self.n, self.seed, self.epoch)
-        mine = rank_batches(order, self.batch_size, self.rank, self.world_size)
+        s = self.shard
+        order = epoch_permutation(self.n, s.seed, self.epoch)
+        mine = rank_batches(order, s.batch_size, s.rank, s.world_size)
         for b in range(self.start_batch, self.steps):
-            lo = b * self.batch_size
-            yield [(self.epoch, int(i)) for i in mine[lo : lo + self.batch_size]]
+            lo = b * s.batch_size
+            yield [(self.epoch, int(i)) for i in mine[lo : lo + s.batch_size]]
 
 
 def _collate(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,19 +187,14 @@ class TorchTrainLoader:
         labels: Sequence[int],
         data: DataConfig,
         loader: LoaderConfig,
-        *,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        device: torch.device,
-        seed: int,
+        shard: Shard,
     ) -> None:
-        self.sampler = _EpochBatches(len(files), batch_size, rank, world_size, seed)
-        dataset = ImageFiles(files, labels, train_transform(data), seed)
+        self.sampler = _EpochBatches(len(files), shard)
+        dataset = ImageFiles(files, labels, train_transform(data), shard.seed)
         self.loader = DataLoader(
-            dataset, batch_sampler=self.sampler, **_loader_kwargs(loader, device)
+            dataset, batch_sampler=self.sampler, **_loader_kwargs(loader, shard.device)
         )
-        self.normalize = Normalizer(data.mean, data.std, device)
+        self.normalize = Normalizer(data.mean, data.std, shard.device)
 
     def __len__(self) -> int:
         return self.sampler.steps
@@ -233,19 +228,18 @@ class TorchEvalLoader:
         labels: Sequence[int],
         data: DataConfig,
         loader: LoaderConfig,
-        *,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        device: torch.device,
+        shard: Shard,
     ) -> None:
-        start, stop = shard_range(len(files), rank, world_size)
+        start, stop = shard_range(len(files), shard.rank, shard.world_size)
         keys = [(0, i) for i in range(start, stop)]
-        batches = [keys[i : i + batch_size] for i in range(0, len(keys), batch_size)]
+        size = shard.batch_size
+        batches = [keys[i : i + size] for i in range(0, len(keys), size)]
         dataset = ImageFiles(files, labels, val_transform(data), seed=0)
-        self.loader = DataLoader(dataset, batch_sampler=batches, **_loader_kwargs(loader, device))
+        self.loader = DataLoader(
+            dataset, batch_sampler=batches, **_loader_kwargs(loader, shard.device)
+        )
         self.batches = len(batches)
-        self.normalize = Normalizer(data.mean, data.std, device)
+        self.normalize = Normalizer(data.mean, data.std, shard.device)
 
     def __len__(self) -> int:
         return self.batches
