@@ -19,14 +19,6 @@ import bench_train  # noqa: E402
 import gpu_check  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    """prepare_runtime sets torch's thread count; give it back afterwards."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def _cfg(method="baseline", steps=2, device="cpu", precision="fp32"):
     return bench_train.compose_config(
         "resnet18",

@@ -1,12 +1,11 @@
 """The training loop on real components: digits files, timm ResNet-18, timm schedules, CPU."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
+from conftest import compose_train
 
 from powergrad import distributed as pgdist
 from powergrad.build import build_context, prepare_runtime
@@ -16,16 +15,7 @@ from powergrad.diagnostics import LogitStats
 from powergrad.engine import NonFiniteLossError, TrainState, evaluate, fit
 from powergrad.pgt import PowerGradCrossEntropy
 
-ROOT = Path(__file__).resolve().parents[1]
 register_configs()
-
-
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    """prepare_runtime sets torch's thread count (trainer.threads); give it back afterwards."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 SUMMARY_KEYS = {
@@ -44,18 +34,14 @@ SUMMARY_KEYS = {
 
 
 def _context(run_dir, *overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                "logger=none",
-                "loader.workers=0",
-                "trainer.progress=false",
-                "trainer.batch_size=64",
-                "trainer.threads=1",
-                *overrides,
-            ],
-        )
+    cfg = compose_train(
+        "logger=none",
+        "loader.workers=0",
+        "trainer.progress=false",
+        "trainer.batch_size=64",
+        "trainer.threads=1",
+        *overrides,
+    )
     prepare_runtime(cfg)
     run_dir.mkdir(exist_ok=True)
     return build_context(cfg, run_dir, pgdist.setup(cfg.trainer.device))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_train
 
 from powergrad import distributed as pgdist
 from powergrad.build import build_context, prepare_runtime
@@ -19,14 +19,6 @@ from powergrad.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 register_configs()
-
-
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    """prepare_runtime sets torch's thread count (trainer.threads); give it back afterwards."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 RESULT_KEYS = {"top1", "top5", "loss", "images", "logit_norm", "logit_mean", "logit_max"}
@@ -46,20 +38,16 @@ def _eval(*args, cwd):
 def trained_run(tmp_path_factory):
     """One short real training run (1 epoch on digits): its run directory."""
     run_dir = tmp_path_factory.mktemp("run")
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                "logger=none",
-                "loader.workers=0",
-                "trainer.progress=false",
-                "trainer.epochs=1",
-                "trainer.warmup_epochs=0",
-                "trainer.batch_size=64",
-                "trainer.threads=1",
-                "optim.lr_per_256=0.4",
-            ],
-        )
+    cfg = compose_train(
+        "logger=none",
+        "loader.workers=0",
+        "trainer.progress=false",
+        "trainer.epochs=1",
+        "trainer.warmup_epochs=0",
+        "trainer.batch_size=64",
+        "trainer.threads=1",
+        "optim.lr_per_256=0.4",
+    )
     prepare_runtime(cfg)
     fit(build_context(cfg, run_dir, pgdist.setup("cpu")), TrainState())
     yield run_dir

@@ -10,14 +10,12 @@ multirun), so no row can rot.
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from hydra import compose, initialize_config_dir
+from conftest import compose_train, run_train
 from omegaconf import OmegaConf
 
 from powergrad import distributed as pgdist
@@ -56,19 +54,6 @@ SMOKE = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    """prepare_runtime sets torch's thread count; give it back afterwards."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def _compose(*overrides, hydra=False):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose("train", overrides=list(overrides), return_hydra_config=hydra)
-
-
 def _rows_of(experiment):
     return [(table, row) for table, row in ROWS if row["experiment"] == experiment]
 
@@ -84,7 +69,7 @@ def test_every_row_has_an_experiment_file_and_every_file_a_row():
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_to_the_papers_row(experiment, tmp_path):
-    cfg = _compose(f"experiment={experiment}", f"data.root={tmp_path}")
+    cfg = compose_train(f"experiment={experiment}", f"data.root={tmp_path}")
     rows = _rows_of(experiment)
     assert rows
     for _, row in rows:
@@ -128,7 +113,7 @@ def test_experiment_header_names_row_numbers_and_cost(experiment):
 
 @pytest.mark.parametrize("sweep", ALPHA_SWEEPS)
 def test_alpha_sweep_composes_to_a_50_epoch_grid(sweep, tmp_path):
-    cfg = _compose(f"+sweep={sweep}", f"data.root={tmp_path}", hydra=True)
+    cfg = compose_train(f"+sweep={sweep}", f"data.root={tmp_path}", hydra=True)
     spec = report.SWEEPS[sweep]
     assert cfg.model.name == spec["model"]
     assert cfg.trainer.epochs == spec["epochs"] == 50
@@ -144,13 +129,13 @@ def test_alpha_sweep_composes_to_a_50_epoch_grid(sweep, tmp_path):
 
 
 def test_seeds_sweep_adds_three_seeds_to_any_row(tmp_path):
-    cfg = _compose("experiment=t3_row8", "+sweep=seeds", f"data.root={tmp_path}", hydra=True)
+    cfg = compose_train("experiment=t3_row8", "+sweep=seeds", f"data.root={tmp_path}", hydra=True)
     assert str(cfg.hydra.sweeper.params["seed"]) == "0,1,2"
     assert cfg.method.alpha == 0.05 and cfg.method.label_smoothing == 0.1
 
 
 def _smoke_run(run_dir, *overrides):
-    cfg = _compose(*overrides, *SMOKE)
+    cfg = compose_train(*overrides, *SMOKE)
     validate_train(cfg, world_size=1)
     prepare_runtime(cfg)
     run_dir.mkdir()
@@ -160,7 +145,7 @@ def _smoke_run(run_dir, *overrides):
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_trains_in_smoke_mode(experiment, tmp_path):
-    cfg0 = _compose(f"experiment={experiment}", "data.root=.")
+    cfg0 = compose_train(f"experiment={experiment}", "data.root=.")
     # A step schedule's milestones (30/60/90% of the epochs) fall inside training from 5 epochs.
     epochs = 5 if cfg0.sched.name == "step" else 2
     cfg, ctx, summary = _smoke_run(
@@ -192,14 +177,7 @@ def test_alpha_sweep_point_trains_in_smoke_mode(sweep, tmp_path):
 def _cli(args, cwd, timeout=300):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_SERVICE")}
     env.update(WANDB_MODE="disabled", OMP_NUM_THREADS="1")
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_train(args, cwd, env, timeout)
 
 
 def test_table2_row_trains_on_digits_through_the_cli(tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_train
 
 from powergrad import distributed as pgdist
 from powergrad.build import run_training
@@ -44,16 +44,8 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def _train(run_dir: Path, *overrides: str) -> dict:
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, *TINY])
+    cfg = compose_train(*overrides, *TINY)
     run_dir.mkdir(parents=True)
     return run_training(cfg, run_dir, pgdist.setup("cpu"))
 

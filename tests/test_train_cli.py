@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_train
 
 from powergrad.tracking import read_offline_run
 
@@ -30,20 +31,9 @@ def _env(tmp_path, **extra):
     return {**env, "NETRC": str(netrc), **extra}
 
 
-def _run(args, cwd, env=None, timeout=300):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 @pytest.mark.slow
 def test_main_job_multirun_prints_and_writes_the_comparison(tmp_path):
-    proc = _run(["-m", "method=baseline,pgt", *SMALL], cwd=tmp_path, env=_env(tmp_path))
+    proc = run_train(["-m", "method=baseline,pgt", *SMALL], cwd=tmp_path, env=_env(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     (sweep,) = (tmp_path / "multirun").glob("*/*")
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -78,7 +68,7 @@ def test_main_job_multirun_prints_and_writes_the_comparison(tmp_path):
     assert "alpha:0.25" in read_offline_run(sweep / "1_pgt")["tags"]
 
     # Resuming the baseline run as a PGT run is refused before anything is built.
-    wrong = _run([f"trainer.resume={sweep / '0_baseline'}", "method=pgt"], cwd=tmp_path)
+    wrong = run_train([f"trainer.resume={sweep / '0_baseline'}", "method=pgt"], cwd=tmp_path)
     assert wrong.returncode == 2
     assert "is a run of model=resnet18" in wrong.stderr and "Traceback" not in wrong.stderr
 
@@ -101,7 +91,7 @@ def test_runs_started_together_get_their_own_directories(tmp_path):
     run_dirs = sorted(p.parent for p in (tmp_path / "outputs").glob("*/*/summary.json"))
     assert len(run_dirs) == 2
     # A new run refuses a directory that already holds one.
-    again = _run([*SMALL, "logger=none", f"hydra.run.dir={run_dirs[0]}"], cwd=tmp_path)
+    again = run_train([*SMALL, "logger=none", f"hydra.run.dir={run_dirs[0]}"], cwd=tmp_path)
     assert again.returncode == 2 and "already holds a run" in again.stderr
 
 
@@ -115,7 +105,7 @@ def test_runs_started_together_get_their_own_directories(tmp_path):
     ],
 )
 def test_cli_errors_are_clear(tmp_path, args, needle):
-    proc = _run(args, cwd=tmp_path)
+    proc = run_train(args, cwd=tmp_path)
     assert proc.returncode != 0
     assert needle in proc.stderr
     assert not list(tmp_path.glob("outputs/*/*/last.pt"))
