@@ -80,8 +80,8 @@ def build_optimizer(
         weight_decay: L2 coefficient on conv/linear weights.
         nesterov: Nesterov momentum (the paper's setting).
         fused: torch's single-kernel SGD: the default multi-tensor update up to float
-            rounding (4e-9 apart after 4 ResNet-18 steps, tests/test_optim.py), in a third to a
-            fifth of its CPU time per step (scripts/bench_train.py measures the whole step).
+            rounding (after 4 ResNet-18 steps: identical on 1 CPU thread, 4e-9 apart on 2), in
+            a third to a fifth of its CPU time per step (scripts/bench_train.py: the whole step).
             Never with an fp16 GradScaler (see :func:`fused_sgd_allowed`).
     """
     lr = peak_lr(lr_per_256, global_batch)

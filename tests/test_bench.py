@@ -122,7 +122,9 @@ def test_gpu_check_runs_at_toy_size_on_cpu(tmp_path):
         ["--device", "cpu", "--tiny", "--no-tests", "--models", "resnet18", "--out", str(out)]
     )
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
-    assert report["imports"]["dali_imported_by_training_path"] is False
+    # Its value depends on what this process imported before (test_training_path_imports_no_dali
+    # checks the property in a fresh interpreter).
+    assert isinstance(report["imports"]["dali_imported_by_training_path"], bool)
     (bench,) = report["benchmarks"]
     assert "error" not in bench and bench["precision"] == "bf16" and bench["channels_last"]
     assert set(bench["images_per_s"]) == {"minimal", "ours_ce", "ours_pgt"}
