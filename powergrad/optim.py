@@ -81,7 +81,7 @@ def build_optimizer(
         nesterov: Nesterov momentum (the paper's setting).
         fused: torch's single-kernel SGD: the default multi-tensor update up to float
             rounding (after 4 ResNet-18 steps: identical on 1 CPU thread, 4e-9 apart on 2), in
-            a third to a fifth of its CPU time per step (scripts/bench_train.py: the whole step).
+            about 40% of its CPU time (scripts/bench_optim.py: 2.6-2.7x for ResNet-18/50).
             Never with an fp16 GradScaler (see :func:`fused_sgd_allowed`).
     """
     lr = peak_lr(lr_per_256, global_batch)

@@ -4,7 +4,9 @@ Three variants train the same timm model (same architecture, same seed, same syn
 same precision, channels_last and compile settings) and run interleaved in one process:
 
   minimal   a hand-written loop: forward, F.cross_entropy, zero_grad, backward, SGD step
-            (plus GradScaler under fp16). No scheduler, no metrics, no checks.
+            (plus GradScaler under fp16). No scheduler, no metrics, no checks. Its SGD is
+            torch's default multi-tensor one; the trainer's is fused under fp32/bf16, so
+            ours / minimal above 1 there is that kernel (scripts/bench_optim.py times it alone).
   ours_ce   powergrad.engine.train_one_epoch on a context from powergrad.build.build_context
             (method=baseline): the real step code path with the real components (timm
             scheduler, EpochMeter/LogitStats, clipper, tracker with logger=none).

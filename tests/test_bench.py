@@ -15,6 +15,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import bench_optim  # noqa: E402
 import bench_train  # noqa: E402
 import gpu_check  # noqa: E402
 
@@ -145,3 +146,11 @@ def test_trainer_step_never_syncs_the_host_on_cuda(tmp_path, precision):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert int(ctx.train_loader.steps) == 6
+
+
+def test_bench_optim_times_both_sgd_paths_on_the_same_gradients():
+    (result,) = bench_optim.main(["--models", "resnet18", "--rounds", "2", "--steps", "1"])
+    assert set(result["ms_per_step"]) == {"multi_tensor", "fused"}
+    assert all(ms > 0 for ms in result["ms_per_step"].values())
+    assert result["ratio_multi_tensor_vs_fused"] > 0
+    assert result["max_weight_diff"] < 1e-6  # the same update, up to float rounding
