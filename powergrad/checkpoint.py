@@ -12,7 +12,8 @@ A checkpoint is one dict of plain containers and tensors:
 
 ``best.pt`` (written when val top-1 improves) keeps only ``model`` and the metadata that says
 what it is (``epoch``, ``step``, ``best_val_top1``, ``history``, ``config``, ``wandb_id``,
-``git_sha``): it is for evaluation and fine-tuning, and is half the size of ``last.pt``.
+``git_sha``) under ``format`` ``powergrad-weights-v1``: it is for evaluation and fine-tuning
+(resuming from it is refused), and is half the size of ``last.pt``.
 
 Files are written to a temporary file in the same directory, fsynced and renamed over the
 target, so a kill at any moment leaves either the old or the new checkpoint, never a torn one.

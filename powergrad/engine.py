@@ -45,9 +45,9 @@ AMP_DTYPES: dict[str, torch.dtype | None] = {
     "fp16": torch.float16,
 }
 CHECKPOINT_FORMAT = "powergrad-checkpoint-v1"
-# What best.pt keeps of a checkpoint (it is never resumed from).
+# best.pt: weights and what identifies them, under its own format so restore() refuses it.
+WEIGHTS_FORMAT = "powergrad-weights-v1"
 BEST_KEYS = (
-    "format",
     "model",
     "epoch",
     "step",
@@ -226,11 +226,14 @@ def save_checkpoint(
     if best:
         # best.pt is for evaluation and fine-tuning: the weights and what identifies them. The
         # optimizer, RNG and loader states (half the bytes for SGD with momentum) live in last.pt.
-        atomic_save({k: ckpt[k] for k in BEST_KEYS}, ctx.run_dir / BEST)
+        best_ckpt = {"format": WEIGHTS_FORMAT, **{k: ckpt[k] for k in BEST_KEYS}}
+        atomic_save(best_ckpt, ctx.run_dir / BEST)
 
 
 def restore(ctx: TrainContext, ckpt: dict[str, Any], meter: EpochMeter) -> TrainState:
     """Load a checkpoint into the context's objects and return the state to continue from."""
+    if ckpt.get("format") == WEIGHTS_FORMAT:
+        raise ValueError(f"a {BEST} holds weights only; resume from the run's {LAST}")
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"not a powergrad training checkpoint (format {ckpt.get('format')!r})")
     unwrap_model(ctx.model).load_state_dict(ckpt["model"])

@@ -12,7 +12,7 @@ from powergrad.build import build_context, prepare_runtime
 from powergrad.checkpoint import load_checkpoint
 from powergrad.config import register_configs
 from powergrad.diagnostics import LogitStats
-from powergrad.engine import NonFiniteLossError, TrainState, evaluate, fit
+from powergrad.engine import EpochMeter, NonFiniteLossError, TrainState, evaluate, fit, restore
 from powergrad.pgt import PowerGradCrossEntropy
 
 register_configs()
@@ -121,6 +121,8 @@ def test_fit_learns_and_writes_records_checkpoints_and_filter_norms(tmp_path):
     assert best["best_val_top1"] == max(h["val_top1"] for h in history[: best["epoch"]])
     # best.pt is the weights and their identity only; resuming state stays in last.pt.
     assert set(best["model"]) == set(ckpt["model"]) and "optimizer" not in best
+    with pytest.raises(ValueError, match="weights only; resume from the run's last"):
+        restore(ctx, best, EpochMeter(torch.device("cpu")))
 
     norms = [json.loads(x) for x in (tmp_path / "filter_norms.jsonl").read_text().splitlines()]
     assert [r["step"] for r in norms] == [10, 20, 30, 40, 50, 60]
