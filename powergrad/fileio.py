@@ -1,0 +1,75 @@
+"""Atomic file writes: the one place that writes a run's files (checkpoints, JSON, markers).
+
+A file is written to a temporary file beside its target, fsynced and renamed over it, so a kill
+at any moment leaves either the old or the new file, never a torn one. The temporary file gets
+the permissions a plain ``open()`` would give (0666 minus the umask): ``mkstemp`` creates 0600
+files, which teammates on a shared cluster could not read.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+__all__ = ["TEMP_SUFFIX", "DiskFullError", "atomic_write", "remove_stale_temps"]
+
+TEMP_SUFFIX = ".tmp"
+
+
+class DiskFullError(OSError):
+    """No space left while writing a file; the previous version of the file is intact."""
+
+
+def _umask() -> int:
+    # os.umask can only be read by setting it; set it back at once (process-wide, no threads
+    # write files between these two calls in this project).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[IO[bytes]], None] | bytes | str
+) -> None:
+    """Write ``path`` atomically.
+
+    Args:
+        path: the target; its folder must exist.
+        write: the content (``bytes`` or ``str``), or a function that writes it to the binary
+            file object it is given (e.g. ``lambda f: torch.save(obj, f)``).
+
+    Raises:
+        DiskFullError: the disk filled up; the old ``path`` is left as it was.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            if callable(write):
+                write(f)
+            else:
+                f.write(write.encode() if isinstance(write, str) else write)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise DiskFullError(
+                errno.ENOSPC, f"no space left on the device while writing {path}; "
+                "the previous version of that file is intact"
+            ) from e
+        raise
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete temporary files that a killed :func:`atomic_write` left in ``folder``."""
+    stale = [p for p in Path(folder).glob(f".*{TEMP_SUFFIX}") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
