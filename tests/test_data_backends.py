@@ -9,10 +9,11 @@ import warnings
 
 import pytest
 import torch
+from imagefiles import write_odd_files
 
 from powergrad.data import DataConfig, DatasetError, LoaderConfig, Shard, build_loaders
 from powergrad.data.digits import materialize_digits
-from powergrad.data.generate import write_image_folder, write_odd_files
+from powergrad.data.generate import write_image_folder
 from powergrad.data.torch_backend import load_rgb
 
 CPU = torch.device("cpu")

@@ -6,8 +6,9 @@ import os
 import warnings
 
 import pytest
+from imagefiles import jpeg_bytes, write_odd_files
 
-from powergrad.data.generate import jpeg_bytes, photo_like, write_image_folder, write_odd_files
+from powergrad.data.generate import photo_like, write_image_folder
 from powergrad.data.layout import (
     DatasetError,
     check_dataset,

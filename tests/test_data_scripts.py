@@ -13,15 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from imagefiles import corrupt_huffman_jpeg, jpeg_bytes, write_odd_files
 
 from powergrad.data import DataConfig, DatasetError, LoaderConfig, Shard, build_loaders
-from powergrad.data.generate import (
-    corrupt_huffman_jpeg,
-    jpeg_bytes,
-    photo_like,
-    write_image_folder,
-    write_odd_files,
-)
+from powergrad.data.generate import photo_like, write_image_folder
 from powergrad.data.layout import read_bad_manifest
 
 REPO = Path(__file__).resolve().parents[1]
