@@ -19,44 +19,26 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from powergrad.tracking import METRICS_FILE, SUMMARY_FILE, write_json_atomic
+from powergrad.fileio import atomic_write
+from powergrad.results import load_runs
 
 __all__ = ["COLUMNS", "CompareCallback", "compare_runs", "format_table", "load_runs", "plot_runs"]
 
-# (header, summary key, format) of the table's columns.
+# (header, summary key, format) of the table's columns. "val top-1 %" is the final epoch's (as
+# train.py's summary ``val_top1``); the best epoch's and its epoch follow (powergrad.results fills
+# them in for runs whose summary predates ``val_top1_best`` / ``best_epoch``).
 COLUMNS: list[tuple[str, str, str]] = [
     ("method", "method", "{}"),
     ("alpha", "alpha", "{:g}"),
     ("train top-1 %", "train_top1", "{:.2f}"),
-    ("val top-1 %", "val_top1", "{:.2f}"),
+    ("val top-1 %", "val_top1_final", "{:.2f}"),
     ("train loss", "train_loss", "{:.4f}"),
     ("val loss", "val_loss", "{:.4f}"),
     ("logit norm", "logit_norm", "{:.2f}"),
     ("wall s", "wall_s", "{:.0f}"),
+    ("best val top-1 %", "val_top1_best", "{:.2f}"),
+    ("best epoch", "best_epoch", "{}"),
 ]
-
-
-def load_runs(run_dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
-    """``{"run_dir", "summary", "history"}`` for each directory holding a summary.json."""
-    runs = []
-    for run_dir in sorted(Path(d) for d in run_dirs):
-        summary_path = run_dir / SUMMARY_FILE
-        if not summary_path.is_file():
-            continue
-        metrics = run_dir / METRICS_FILE
-        history = (
-            [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-            if metrics.is_file()
-            else []
-        )
-        runs.append(
-            {
-                "run_dir": str(run_dir),
-                "summary": json.loads(summary_path.read_text()),
-                "history": history,
-            }
-        )
-    return runs
 
 
 def _cell(value: Any, fmt: str) -> str:
@@ -69,7 +51,8 @@ def _cell(value: Any, fmt: str) -> str:
 
 
 def format_table(runs: list[dict[str, Any]]) -> str:
-    """The runs as a markdown table, one row per run, in COLUMNS order."""
+    """The runs as a markdown table, one row per run, in COLUMNS order (val top-1 % is the
+    final epoch's; the best epoch's and its number are the last two columns)."""
     header = "| " + " | ".join(h for h, _, _ in COLUMNS) + " |"
     rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
     rows = [
@@ -114,7 +97,7 @@ def compare_runs(
 ) -> str:
     """Write compare.md / compare.json / compare.png into ``out_dir`` and return the table."""
     out_dir = Path(out_dir)
-    runs = load_runs(run_dirs)
+    runs = load_runs(run_dirs, finished_only=False)  # a sweep's cut-short jobs are shown too
     if not runs:
         return ""
     table = format_table(runs)
@@ -124,7 +107,10 @@ def compare_runs(
         {"run_dir": r["run_dir"], **{key: r["summary"].get(key) for _, key, _ in COLUMNS}}
         for r in runs
     ]
-    write_json_atomic(out_dir / "compare.json", {"rows": rows, "total_wall_s": total_wall_s})
+    atomic_write(
+        out_dir / "compare.json",
+        json.dumps({"rows": rows, "total_wall_s": total_wall_s}, indent=2) + "\n",
+    )
     plot_runs(runs, out_dir / "compare.png")
     return table + note
 

@@ -1,6 +1,6 @@
 """CPU-scale study of the paper's claims on the embedded digits dataset (real train.py runs).
 
-Three parts, every point with ``--seeds`` seeds (default 3), each run a real ``train.py`` process
+Three parts, every point with ``--seeds`` seeds (default 5), each run a real ``train.py`` process
 on digits (32x32, 1,437 train / 360 val images) with the dataset's ImageNet-style augmentation
 (RandomResizedCrop; no horizontal flip, which turns a digit into another symbol):
 
@@ -12,14 +12,18 @@ on digits (32x32, 1,437 train / 360 val images) with the dataset's ImageNet-styl
     the baseline of (a), alpha 0.25 the PGT of (a).
 
 Run directories go to ``outputs/cpu_study/<point>/seed<k>`` (ignored by git). A finished run
-(summary.json present) is reused, an unfinished one is deleted and run again, so the script
-resumes after an interruption. What is committed is what it writes under ``results/cpu/``:
-``runs.json`` (per-run summaries, epoch histories and filter-norm digests) and
-``provenance.json`` (command, git SHA, wall time, host); ``scripts/report.py`` then renders the
-tables and plots from those (this script calls it at the end)::
+(summary.json or a DIVERGED marker) is reused only when it was trained at the current commit; an
+unfinished one, or one from another commit, is deleted and run again, so the script resumes after
+an interruption and every run of a study comes from one commit. It refuses to start on a tree
+with uncommitted changes (``--allow-dirty`` for trials): the commit must say what ran. What is
+committed is what it writes under ``results/cpu/``: ``runs.json`` (per-run summaries, epoch
+histories and filter-norm digests) and ``provenance.json`` (command, git SHA, clean or not,
+package versions, wall time, host); :func:`powergrad.study.render_cpu_study` then renders the
+README, with Welch's t-test verdicts, and the plots (``python scripts/report.py --cpu-only``
+re-renders them)::
 
-    python scripts/cpu_study.py                 # the whole study, 2 runs at a time (~1 h)
-    python scripts/cpu_study.py --fresh         # delete earlier run directories first
+    python scripts/cpu_study.py --fresh         # the whole study from scratch, 5 seeds (~1 h)
+    python scripts/cpu_study.py                 # resume an interrupted one
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from powergrad.study import render_cpu_study
+from powergrad.tracking import git_sha
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS_ROOT = ROOT / "outputs" / "cpu_study"
@@ -140,13 +147,27 @@ def _finished(run_dir: Path) -> bool:
     return (run_dir / "summary.json").is_file() or (run_dir / DIVERGED).is_file()
 
 
-def run_one(point: Point, seed: int, log, root: Path = RUNS_ROOT) -> tuple[Point, int, float, int]:
-    """Run (or reuse) one training run; returns (point, seed, wall seconds, exit code)."""
+def _trained_at(run_dir: Path) -> str | None:
+    """The commit a finished run was trained at: its summary's git_sha, or the first line
+    (``git_sha <sha>``) of its DIVERGED marker; None when not recorded."""
+    if (run_dir / "summary.json").is_file():
+        return json.loads((run_dir / "summary.json").read_text()).get("git_sha")
+    first = (run_dir / DIVERGED).read_text().partition("\n")[0]
+    return first.removeprefix("git_sha ") if first.startswith("git_sha ") else None
+
+
+def run_one(
+    point: Point, seed: int, log, root: Path = RUNS_ROOT, sha: str | None = None
+) -> tuple[Point, int, float, int]:
+    """Run (or reuse) one training run; returns (point, seed, wall seconds, exit code).
+
+    A finished run is reused when it was trained at commit ``sha`` (any commit when None).
+    """
     run_dir = point.run_dir(seed, root)
-    if _finished(run_dir):
+    if _finished(run_dir) and sha in (None, _trained_at(run_dir)):
         return point, seed, 0.0, 0
     if run_dir.exists():
-        shutil.rmtree(run_dir)  # an interrupted run: start it again from scratch
+        shutil.rmtree(run_dir)  # interrupted, or trained at another commit: run it again
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "train.py", *point.overrides(seed), f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
@@ -155,7 +176,7 @@ def run_one(point: Point, seed: int, log, root: Path = RUNS_ROOT) -> tuple[Point
     wall = time.perf_counter() - start
     (run_dir.parent / f"seed{seed}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0 and "NonFiniteLossError" in proc.stderr:
-        (run_dir / DIVERGED).write_text(proc.stderr[-2000:])
+        (run_dir / DIVERGED).write_text(f"git_sha {sha}\n" + proc.stderr[-2000:])
         log(f"{point.name} seed{seed}: diverged (non-finite loss)")
         return point, seed, wall, 0
     log(f"{point.name} seed{seed}: rc={proc.returncode} {wall:.0f} s")
@@ -237,6 +258,10 @@ def collect(points: list[Point], seeds: list[int], root: Path = RUNS_ROOT) -> li
                     for k in (
                         "train_top1",
                         "val_top1",
+                        "val_top1_final",
+                        "val_top1_best",
+                        "best_val_top1",
+                        "best_epoch",
                         "train_loss",
                         "val_loss",
                         "logit_norm",
@@ -258,27 +283,49 @@ def collect(points: list[Point], seeds: list[int], root: Path = RUNS_ROOT) -> li
     return runs
 
 
-def _git_sha() -> str:
-    sys.path.insert(0, str(ROOT))
-    from powergrad.tracking import git_sha
+def _versions() -> dict[str, str]:
+    """Versions of what the numbers depend on (recorded in provenance.json)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return git_sha(ROOT)
+    out = {"python": platform.python_version()}
+    for name in ("torch", "torchvision", "timm", "numpy", "scipy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the study (resuming finished runs), write results/cpu/, render the report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per point (>= 3 for the study)")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds per point (>= 5 for the study)")
     parser.add_argument("--jobs", type=int, default=2, help="train.py processes at a time")
     parser.add_argument("--epochs-a", type=int, default=12, help="epochs for parts (a) and (c)")
     parser.add_argument("--epochs-b", type=int, default=10, help="epochs for part (b)")
     parser.add_argument("--only", default=None, help="comma-separated point names to run")
-    parser.add_argument("--fresh", action="store_true", help="delete earlier run directories")
-    parser.add_argument("--no-report", action="store_true", help="skip scripts/report.py")
+    parser.add_argument(
+        "--fresh", action="store_true", help="delete earlier run directories and provenance"
+    )
+    parser.add_argument("--no-report", action="store_true", help="skip rendering README.md")
+    parser.add_argument(
+        "--allow-dirty",
+        action="store_true",
+        help="run on a tree with uncommitted changes (trials only: the commit no longer says "
+        "what ran)",
+    )
     parser.add_argument("--runs-root", default=str(RUNS_ROOT), help="where run directories go")
     parser.add_argument("--out", default=str(OUT), help="where runs.json etc. are written")
     args = parser.parse_args(argv)
     runs_root, out = Path(args.runs_root), Path(args.out)
+    sha = git_sha(ROOT)
+    if sha.endswith("-dirty") and not args.allow_dirty:
+        print(
+            f"refusing to run: the tree has uncommitted changes ({sha}); commit them, or pass "
+            "--allow-dirty for a trial whose results no commit reproduces",
+            file=sys.stderr,
+        )
+        return 2
 
     points = study_points(args.epochs_a, args.epochs_b)
     if args.only:
@@ -286,8 +333,10 @@ def main(argv: list[str] | None = None) -> int:
         points = [p for p in points if p.name in wanted]
     seeds = list(range(args.seeds))
     if args.fresh:
+        # Only the run directories: deleting results/cpu (tracked files) would make the tree
+        # dirty, and every run would then record a -dirty commit. Its files are overwritten at
+        # the end, and a fresh study's provenance starts over (below).
         shutil.rmtree(runs_root, ignore_errors=True)
-        shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
 
     def log(msg: str) -> None:
@@ -298,14 +347,14 @@ def main(argv: list[str] | None = None) -> int:
     # still covers every point.
     jobs = [(p, s) for s in seeds for p in points]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(lambda job: run_one(*job, log, runs_root), jobs))
+        results = list(pool.map(lambda job: run_one(*job, log, runs_root, sha), jobs))
     wall = time.perf_counter() - start
     failed = [f"{p.name}/seed{s}" for p, s, _, rc in results if rc != 0]
 
     runs = collect(points, seeds, runs_root)
     (out / "runs.json").write_text(json.dumps({"runs": runs}, separators=(",", ":")) + "\n")
     previous = out / "provenance.json"
-    old = json.loads(previous.read_text()) if previous.is_file() else {}
+    old = json.loads(previous.read_text()) if previous.is_file() and not args.fresh else {}
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])])
     # A resumed study reuses earlier invocations' runs, so every invocation is kept and the
     # study's wall time is their sum.
@@ -313,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         *old.get("invocations", []),
         {
             "command": command,
-            "git_sha": _git_sha(),
+            "git_sha": sha,
             "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - wall)),
             "wall_s": round(wall, 1),
             "ran": len([r for r in results if r[2] > 0]),
@@ -321,7 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     provenance = {
         "command": command,
-        "git_sha": invocations[-1]["git_sha"],
+        "git_sha": sha,
+        "clean": not sha.endswith("-dirty"),
+        "versions": _versions(),
         "wall_s_total": round(sum(i["wall_s"] for i in invocations), 1),
         "invocations": invocations,
         "jobs": args.jobs,
@@ -336,8 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     previous.write_text(json.dumps(provenance, indent=2) + "\n")
     log(f"study done in {wall:.0f} s; failed: {failed or 'none'}")
     if not args.no_report:
-        report = [sys.executable, "scripts/report.py", "--cpu-only", "--cpu-dir", str(out)]
-        subprocess.run(report, cwd=ROOT, check=False)
+        render_cpu_study(out)
+        log(f"wrote {out / 'README.md'}")
     return 1 if failed else 0
 
 
