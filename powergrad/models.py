@@ -58,12 +58,20 @@ _SIGNATURES: dict[tuple[tuple[int, ...], bool, bool, bool], str] = {
 _MAX_LISTED = 5
 
 
-def build_model(name: str, num_classes: int = 1000, **kwargs: Any) -> nn.Module:
+def build_model(
+    name: str, num_classes: int = 1000, *, zero_init_last: bool = True, **kwargs: Any
+) -> nn.Module:
     """Build one of :data:`MODEL_NAMES` as a randomly initialised timm model.
 
     Args:
         name: a name from :data:`MODEL_NAMES`.
         num_classes: classifier width (1000 for ImageNet-1K).
+        zero_init_last: zero the last BatchNorm weight (gamma) of every residual block, so each
+            block starts as its shortcut (timm's default, ``ResNet(zero_init_last=True)``).
+            False starts every gamma at 1, which is what the authors' models did: their timm
+            fork's ``init_weights`` guards the zeroing with ``isinstance(self.norm_layer,
+            nn.BatchNorm2d)``, always False for the class it holds (docs/fork_evidence.md).
+            No effect on ``resnet18_nonorm``, which has no norm layers.
         **kwargs: passed to ``timm.create_model`` (e.g. ``drop_rate``, ``drop_path_rate``).
 
     Raises:
@@ -78,7 +86,12 @@ def build_model(name: str, num_classes: int = 1000, **kwargs: Any) -> nn.Module:
     if clash:
         raise ValueError(f"model {name!r} fixes {clash}; do not pass them")
     return timm.create_model(
-        arch, pretrained=False, num_classes=num_classes, **variant_kwargs, **kwargs
+        arch,
+        pretrained=False,
+        num_classes=num_classes,
+        zero_init_last=zero_init_last,
+        **variant_kwargs,
+        **kwargs,
     )
 
 

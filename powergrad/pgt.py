@@ -11,10 +11,14 @@ exact only when the AMP loss scale equals N**2, this is the formula itself: exac
 loss scale, batch size, reduction and precision. It is purely local math on each rank's own
 logits, so under DDP every rank computes the exact PGT gradient of its own mean loss and DDP's
 gradient averaging then behaves exactly as for the ordinary cross-entropy.
+
+:class:`AuthorsHookCrossEntropy` is the authors' implementation instead, reproduced bit for bit
+as an opt-in, to replicate their numerics (including its dependence on the AMP loss scale).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -24,7 +28,9 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 __all__ = [
+    "AuthorsHookCrossEntropy",
     "PowerGradCrossEntropy",
+    "authors_pgt_hook",
     "pgt_cross_entropy",
     "pgt_probs",
     "stationary_threshold",
@@ -171,7 +177,8 @@ class _PGTCrossEntropy(torch.autograd.Function):
             grad = torch._log_softmax_backward_data(grad_logp, logp, 1, torch.float32)
             return grad.to(ctx.logits_dtype), None, None, None, None
         # The gradient is built in place in the saved log-prob buffer: no N x C allocation in
-        # backward (on CPU each fresh 4 MB buffer costs ~1000 page faults, more than the math).
+        # backward (on CPU a fresh buffer can cost a page fault per 4 KiB page, which for
+        # ImageNet-sized logits takes longer than the arithmetic; scripts/bench_pgt.py counts them).
         if alpha == 0.0:
             # The uniform limit, also where a logit is -inf (0 * -inf would give NaN).
             grad = logp.fill_(1.0 / c).mul_(s)
@@ -179,7 +186,7 @@ class _PGTCrossEntropy(torch.autograd.Function):
             # p' = exp(alpha * logp) / Z with Z = sum_j exp(alpha * logp_j) = sum_j p_j**alpha.
             # alpha * logp <= 0 and its row max is >= -alpha*log(C): no overflow, Z >= 1/C, so no
             # max subtraction is needed. exp2 of a pre-scaled argument, because on CPU torch's
-            # exp2 kernel is ~4x faster than its exp (measured: 70 vs 310 us for 1024x1000).
+            # exp2 kernel is faster than its exp (scripts/bench_pgt.py times the whole loss).
             grad = logp.mul_(alpha * _LOG2_E).exp2_()
             grad.mul_(s / grad.sum(dim=1, keepdim=True))
         grad = _sub_scaled_target(grad, target, s, ls)
@@ -234,7 +241,12 @@ def pgt_cross_entropy(
 
 
 class PowerGradCrossEntropy(nn.Module):
-    """Loss module for :func:`pgt_cross_entropy`; alpha etc. are validated at construction."""
+    """Loss module for :func:`pgt_cross_entropy`.
+
+    alpha, label_smoothing and reduction are validated once, at construction; ``forward`` then
+    trusts its inputs (logits (N, C) floating, target (N,) integer or (N, C) floating) and skips
+    the functional form's per-call checks.
+    """
 
     def __init__(self, alpha: float, label_smoothing: float = 0.0, reduction: str = "mean"):
         super().__init__()
@@ -244,13 +256,120 @@ class PowerGradCrossEntropy(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Ordinary cross-entropy value; PGT gradient w.r.t. ``logits``."""
-        return pgt_cross_entropy(logits, target, self.alpha, self.label_smoothing, self.reduction)
+        if target.dim() == 1:
+            target = target.long()
+        return _PGTCrossEntropy.apply(
+            logits, target, self.alpha, self.label_smoothing, self.reduction
+        )
 
     def extra_repr(self) -> str:
         return (
             f"alpha={self.alpha}, label_smoothing={self.label_smoothing}, "
             f"reduction={self.reduction!r}"
         )
+
+
+def authors_pgt_hook(
+    grad: torch.Tensor, target: torch.Tensor, alpha: float, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """The authors' PGT tensor hook on the logits, operation for operation.
+
+    Copied from their timm fork (``power_grad`` in ``ResNet.forward``, timm/models/resnet.py;
+    docs/fork_evidence.md cites the lines). It assumes the incoming gradient is
+    ``(p - q) * N`` (N = rows of ``grad``), recovers ``p = grad / N + q``, and returns
+    ``(p**alpha / sum(p**alpha) - q) * N``. A mean-reduced loss scaled by S (the AMP loss scale)
+    actually delivers ``S * (p - q) / N``, so the recovery is exact only when ``S == N**2`` (the
+    fork's setting: 256 images per GPU and GradScaler's initial scale 2**16). At other S the
+    result is wrong, and NaN where a recovered entry is negative (a negative base to a
+    fractional power), e.g. at S = 2 N**2, which makes GradScaler skip the step and halve S.
+
+    Every operation runs in ``grad``'s dtype (fp16 under the fork's native AMP), in the fork's
+    order, so the rounding is theirs too.
+
+    Args:
+        grad: (N, C) gradient arriving at the logits.
+        target: (N,) integer class indices (the fork had no soft targets).
+        alpha: the fork's ``--modify-softmax`` exponent.
+        label_smoothing: the fork's ``--smoothing``; ``q = (1 - ls) * one_hot + ls / C``.
+
+    Returns:
+        The replacement gradient, shape and dtype of ``grad``.
+    """
+    n, c = grad.shape
+    q = torch.ones(1, dtype=grad.dtype, device=grad.device) * F.one_hot(target, num_classes=c)
+    q = (1.0 - label_smoothing) * q + label_smoothing / c
+    g = grad / n
+    p = g + q
+    p = p**alpha
+    p /= p.sum(-1, keepdim=True)
+    g = p - q
+    return g * n
+
+
+def _timm_label_smoothing_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, smoothing: float
+) -> torch.Tensor:
+    """timm 0.4's ``LabelSmoothingCrossEntropy`` (the fork's loss under ``--smoothing``).
+
+    Mathematically F.cross_entropy(..., label_smoothing=smoothing); kept as timm wrote it
+    because the authors' hook reads the rounding of this loss's own backward.
+    """
+    logprobs = F.log_softmax(logits, dim=-1)
+    nll_loss = -logprobs.gather(dim=-1, index=target.unsqueeze(1))
+    nll_loss = nll_loss.squeeze(1)
+    smooth_loss = -logprobs.mean(dim=-1)
+    loss = (1.0 - smoothing) * nll_loss + smoothing * smooth_loss
+    return loss.mean()
+
+
+class AuthorsHookCrossEntropy(nn.Module):
+    """The authors' PGT as they ran it: ordinary cross-entropy plus their hook on the logits.
+
+    An opt-in for replicating the released numerics; :class:`PowerGradCrossEntropy` is the
+    formula itself. ``forward`` returns the fork's training loss (``nn.CrossEntropyLoss()``, or
+    timm 0.4's ``LabelSmoothingCrossEntropy`` when ``label_smoothing > 0``; mean over the
+    batch) and, when ``alpha`` is nonzero and the logits require grad, registers
+    :func:`authors_pgt_hook` on the logits.
+
+    The gradient it produces is PGT's ``(softmax(alpha * z) - q) / N`` (times the loss scale)
+    only when the backward starts from ``loss * S`` with ``S == N**2``, N being the rows of
+    these logits (the per-rank batch under DDP). Use it with fp16 AMP whose GradScaler sits at
+    N**2 (N = 256 gives torch's default initial scale 2**16); in fp32 or bf16 (S = 1) it is
+    far from PGT, and at S = 2 N**2 it returns NaN.
+
+    As in the fork, ``alpha == 0`` registers no hook (their ``if args.modify_softmax:`` treats
+    0.0 as "off"), so it is the ordinary cross-entropy, not PGT's uniform limit. Class-index
+    targets only; no ``reduction`` choice (the fork's losses are mean-reduced). The hook is a
+    tensor hook: call the loss outside any torch.compile region.
+
+    Args:
+        alpha: PGT exponent in [0, 1] (the fork's ``--modify-softmax``).
+        label_smoothing: in [0, 1) (the fork's ``--smoothing``); smooths both the loss and the
+            hook's ``q``, as the fork did.
+    """
+
+    def __init__(self, alpha: float, label_smoothing: float = 0.0):
+        super().__init__()
+        self.alpha = check_alpha(alpha)
+        self.label_smoothing = _check_label_smoothing(label_smoothing)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of (N, C) logits against (N,) class indices; hooks the logits."""
+        if self.alpha and logits.requires_grad:
+            logits.register_hook(
+                functools.partial(
+                    authors_pgt_hook,
+                    target=target,
+                    alpha=self.alpha,
+                    label_smoothing=self.label_smoothing,
+                )
+            )
+        if self.label_smoothing:
+            return _timm_label_smoothing_cross_entropy(logits, target, self.label_smoothing)
+        return F.cross_entropy(logits, target)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, label_smoothing={self.label_smoothing}"
 
 
 def pgt_probs(logits: torch.Tensor, alpha: float) -> torch.Tensor:

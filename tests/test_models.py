@@ -6,6 +6,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 
 from powergrad.models import (
@@ -86,6 +87,56 @@ def test_num_classes_and_kwargs_reach_timm():
     model = build_model("resnet18", num_classes=10, drop_rate=0.25)
     assert model.get_classifier().out_features == 10
     assert model.drop_rate == 0.25
+
+
+BN_MODELS = [name for name in MODEL_NAMES if name != "resnet18_nonorm"]
+
+
+def _last_bns(model: nn.Module) -> set[int]:
+    """ids of the last BatchNorm of every residual block (bn2 of a BasicBlock, bn3 otherwise)."""
+    blocks = [m for m in model.modules() if isinstance(m, BasicBlock | Bottleneck)]
+    return {id(b.bn2 if isinstance(b, BasicBlock) else b.bn3) for b in blocks}
+
+
+@pytest.mark.parametrize("name", BN_MODELS)
+def test_zero_init_last_false_starts_every_gamma_at_one(name):
+    """The authors' fork never zeroed a gamma (docs/fork_evidence.md): all BN weights are 1."""
+    model = build_model(name, zero_init_last=False)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns
+    for bn in bns:
+        assert torch.equal(bn.weight, torch.ones_like(bn.weight))
+        assert torch.equal(bn.bias, torch.zeros_like(bn.bias))
+
+
+@pytest.mark.parametrize("name", BN_MODELS)
+def test_default_zero_inits_exactly_the_last_bn_of_each_block(name):
+    torch.manual_seed(0)
+    model = build_model(name)
+    torch.manual_seed(0)
+    fork_like = build_model(name, zero_init_last=False)
+    last = _last_bns(model)
+    assert len(last) == {"resnet18": 8, "seresnet18": 8, "resnet101": 33}.get(name, 16)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            expected = torch.zeros_like if id(m) in last else torch.ones_like
+            assert torch.equal(m.weight, expected(m.weight))
+    # Zeroing draws no random numbers: every other tensor is the same under the same seed.
+    ours, theirs = model.state_dict(), fork_like.state_dict()
+    differing = {k for k in ours if not torch.equal(ours[k], theirs[k])}
+    assert differing == {
+        f"{n}.weight"
+        for n, m in model.named_modules()
+        if isinstance(m, nn.BatchNorm2d) and id(m) in last
+    }
+
+
+def test_zero_init_last_is_a_no_op_without_norm_layers():
+    torch.manual_seed(0)
+    default = build_model("resnet18_nonorm").state_dict()
+    torch.manual_seed(0)
+    fork_like = build_model("resnet18_nonorm", zero_init_last=False).state_dict()
+    assert all(torch.equal(default[k], fork_like[k]) for k in default)
 
 
 def test_unknown_name_lists_valid_names():
