@@ -24,9 +24,21 @@ ours_pgt / ours_ce >= 0.995.
 With --rss it also reports peak resident memory (MiB) of a short main job (train.py on digits,
 loader workers included) and of a ResNet-50 synthetic run, each in a subprocess.
 
+With --self-check it instead checks, at toy sizes, that it measures what it claims (the tests run
+it as a subprocess): same_training (after two steps the minimal loop and the trainer's chunk hold
+the same weights, BN statistics and momentum), meter_losses (the trainer's steps and its
+EpochMeter saw the minimal loop's losses), median_ci95 (the interval brackets the median),
+peak_rss (the sampler sees a 300 MiB allocation in a child process) and, with --device cuda,
+no_host_sync (the trainer's step at bf16 and fp32 never waits for the GPU: no .item(), no
+blocking copy, no stream sync between log steps; fp16 is left out, its GradScaler's inf check
+is one .item() per step by design). It prints one JSON line {"self_check": {name: {"ok": ...}}}
+and exits 1 when any check fails.
+
 Usage: python scripts/bench_train.py [--models resnet18,resnet50] [--image-size 128] [--batch 16]
        [--steps 3] [--rounds 21] [--precision fp32|bf16|fp16] [--channels-last] [--compile]
        [--device cpu|cuda] [--threads 1] [--rss] [--tiny]
+       python scripts/bench_train.py --self-check same_training,meter_losses,median_ci95,peak_rss
+       python scripts/bench_train.py --self-check no_host_sync --device cuda
 """
 
 from __future__ import annotations
@@ -43,7 +55,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,19 +67,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from powergrad import checkpoint  # noqa: E402
 from powergrad import distributed as pgdist  # noqa: E402
-from powergrad.build import build_context, prepare_runtime  # noqa: E402
+from powergrad.checkpoint import TrainState  # noqa: E402
 from powergrad.config import register_configs, validate_train  # noqa: E402
-from powergrad.engine import (  # noqa: E402
-    AMP_DTYPES,
-    EpochMeter,
-    TrainContext,
-    TrainState,
-    train_one_epoch,
-)
+from powergrad.data import Shard, build_loaders  # noqa: E402
+from powergrad.engine import AMP_DTYPES, EpochMeter, train_one_epoch  # noqa: E402
+from powergrad.method import build_clipper, build_loss  # noqa: E402
 from powergrad.models import build_model  # noqa: E402
+from powergrad.optim import build_optimizer, build_scheduler  # noqa: E402
 
 register_configs()
 
@@ -116,21 +128,78 @@ def compose_config(
     return cfg
 
 
-def build_ours(cfg: DictConfig, run_dir: Path) -> tuple[TrainContext, Callable[[], None]]:
-    """The trainer's context for ``cfg`` and a closure that trains one chunk (one epoch of it)."""
-    prepare_runtime(cfg)  # seeds (same init for every variant), threads
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ctx = build_context(cfg, run_dir, pgdist.setup(cfg.trainer.device))
-    # fit() stamps the start time; train_one_epoch only needs it for checkpoints (none here).
-    ctx.meta["_start"] = time.perf_counter()
-    state, meter = TrainState(), EpochMeter(ctx.dist.device)
+@dataclass
+class Ours:
+    """The trainer's pieces for one config, built as train.py builds them (one process)."""
+
+    train_loader: Any
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    loss_fn: torch.nn.Module
+    clipper: Callable[[], None]
+    device: torch.device
+    amp_dtype: torch.dtype | None
+
+
+def build_ours(cfg: DictConfig, run_dir: Path) -> tuple[Ours, Callable[[], None]]:
+    """train.py's components for ``cfg`` and a closure that trains one chunk (one epoch)."""
+    t = cfg.trainer
+    checkpoint.configure_runtime(t.threads, t.deterministic)
+    checkpoint.seed_everything(cfg.seed)  # the same initial weights for every variant
+    dist = pgdist.setup(t.device)
+    shard = Shard(batch_size=t.batch_size, rank=0, world_size=1, device=dist.device, seed=cfg.seed)
+    loaders = build_loaders(OmegaConf.to_object(cfg.data), OmegaConf.to_object(cfg.loader), shard)
+    model = build_model(cfg.model.name, loaders.num_classes, drop_rate=cfg.model.drop_rate)
+    model = model.to(dist.device, memory_format=torch.channels_last if t.channels_last else None)
+    optimizer = build_optimizer(
+        model,
+        global_batch=t.batch_size,
+        lr_per_256=cfg.optim.lr_per_256,
+        momentum=cfg.optim.momentum,
+        weight_decay=cfg.optim.weight_decay,
+        nesterov=cfg.optim.nesterov,
+        fused=t.precision != "fp16",  # as train.py: no fused SGD under a GradScaler
+    )
+    ours = Ours(
+        train_loader=loaders.train,
+        model=torch.compile(model) if t.compile else model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(
+            optimizer,
+            cfg.sched,
+            epochs=t.epochs,
+            warmup_epochs=t.warmup_epochs,
+            iters_per_epoch=len(loaders.train),
+        ),
+        scaler=torch.amp.GradScaler(dist.device.type, enabled=t.precision == "fp16"),
+        loss_fn=build_loss(cfg.method),
+        clipper=build_clipper(cfg.method, model),
+        device=dist.device,
+        amp_dtype=AMP_DTYPES[t.precision],
+    )
+    state, meter = TrainState(), EpochMeter(dist.device)
 
     def chunk() -> None:
-        train_one_epoch(ctx, state, meter)
+        for _ in train_one_epoch(
+            ours.model,
+            ours.train_loader,
+            ours.loss_fn,
+            ours.optimizer,
+            ours.scaler,
+            ours.scheduler,
+            ours.clipper,
+            meter,
+            state,
+            amp_dtype=ours.amp_dtype,
+            channels_last=t.channels_last,
+        ):
+            pass
         state.epoch += 1
         state.batch = 0
 
-    return ctx, chunk
+    return ours, chunk
 
 
 def minimal_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.SGD:
@@ -156,7 +225,9 @@ def build_minimal(
     ``run(k)`` trains k steps and returns the k losses (device tensors, no host sync).
     """
     t = cfg.trainer
-    prepare_runtime(cfg)  # the same seed as the trainer's variants: the same initial weights
+    # The same seed as the trainer's variants: the same initial weights.
+    checkpoint.configure_runtime(t.threads, t.deterministic)
+    checkpoint.seed_everything(cfg.seed)
     device = images.device
     model = build_model(cfg.model.name, num_classes, drop_rate=cfg.model.drop_rate)
     fmt = torch.channels_last if t.channels_last else torch.preserve_format
@@ -386,6 +457,182 @@ def rss_report(args: argparse.Namespace, tmp: Path) -> dict:
     }
 
 
+def _toy_config(method: str, steps: int, device: str, precision: str = "fp32") -> DictConfig:
+    """ResNet-18, 32 px, batch 4, ``steps`` steps per epoch, eager, one thread."""
+    return compose_config(
+        "resnet18",
+        method,
+        image_size=32,
+        batch=4,
+        steps=steps,
+        precision=precision,
+        channels_last=False,
+        compile=False,
+        device=device,
+        threads=1,
+    )
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5, atol: float = 1e-7) -> bool:
+    try:
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+    except AssertionError:
+        return False
+    return True
+
+
+def check_same_training(device: str, tmp: Path) -> dict:
+    """Same initial weights, batch and hyper-parameters: after two SGD steps (fp32) the minimal
+    loop and the trainer's chunk hold the same weights, BN statistics and momentum buffers, so
+    their timing ratio compares equal work."""
+    cfg = _toy_config("baseline", steps=2, device=device)
+    ours, chunk = build_ours(cfg, tmp / "same-ours")
+    images, target = ours.train_loader.batch
+    model, optimizer, run = build_minimal(cfg, images, target, cfg.data.num_classes)
+    before = {k: v.clone() for k, v in ours.model.state_dict().items()}
+    minimal_before = model.state_dict()
+    initial_differ = [k for k, v in before.items() if not torch.equal(v, minimal_before[k])]
+    run(2)
+    chunk()
+    after_ours, after_min = ours.model.state_dict(), model.state_dict()
+    # The trainer's cosine lr leaves its peak over trainer.epochs=100000: at its 2nd step the
+    # relative difference is ~1e-9 or less, far below the tolerance.
+    state_differ = [k for k, v in after_min.items() if not _close(after_ours[k], v)]
+    moved = sum(not torch.equal(v, before[k]) for k, v in after_min.items())
+    ours_momentum = [ours.optimizer.state[p]["momentum_buffer"] for p in ours.model.parameters()]
+    min_momentum = [optimizer.state[p]["momentum_buffer"] for p in model.parameters()]
+    momentum_differ = sum(
+        not _close(a, b) for a, b in zip(ours_momentum, min_momentum, strict=True)
+    )
+    max_diff = max(
+        (after_ours[k].double() - v.double()).abs().max().item()
+        for k, v in after_min.items()
+        if v.is_floating_point()
+    )
+    return {
+        "ok": not initial_differ and not state_differ and moved > 0 and momentum_differ == 0,
+        "initial_differ": initial_differ,
+        "state_differ": state_differ,
+        "state_tensors": len(after_min),
+        "state_tensors_moved": moved,
+        "momentum_buffers": len(min_momentum),
+        "momentum_differ": momentum_differ,
+        "max_abs_state_diff": max_diff,
+    }
+
+
+def check_meter_losses(device: str, tmp: Path) -> dict:
+    """Three steps of the trainer (powergrad.engine.train_one_epoch, fp32) yield the minimal
+    loop's losses, and its EpochMeter counts them: 12 samples, none non-finite, the same sum."""
+    steps, batch = 3, 4
+    cfg = _toy_config("baseline", steps=steps, device=device)
+    ours, _ = build_ours(cfg, tmp / "meter-ours")
+    images, target = ours.train_loader.batch
+    _, _, run = build_minimal(cfg, images, target, cfg.data.num_classes)
+    minimal = torch.stack(run(steps)).double().cpu()
+    meter = EpochMeter(ours.device)
+    trainer = [
+        loss.detach()
+        for loss in train_one_epoch(
+            ours.model,
+            ours.train_loader,
+            ours.loss_fn,
+            ours.optimizer,
+            ours.scaler,
+            ours.scheduler,
+            ours.clipper,
+            meter,
+            TrainState(),
+            amp_dtype=ours.amp_dtype,
+            channels_last=cfg.trainer.channels_last,
+        )
+    ]
+    trainer_losses = torch.stack(trainer).double().cpu()
+    loss_sum, _, samples, nonfinite = meter.sums.tolist()
+    return {
+        "ok": len(trainer) == steps
+        and samples == steps * batch
+        and nonfinite == 0
+        and math.isclose(loss_sum / batch, minimal.sum().item(), rel_tol=1e-5)
+        and _close(trainer_losses, minimal, rtol=1e-5, atol=1e-6),
+        "minimal_losses": minimal.tolist(),
+        "trainer_losses": trainer_losses.tolist(),
+        "meter_loss_sum_per_image": loss_sum / batch,
+        "meter_samples": samples,
+        "meter_nonfinite": nonfinite,
+    }
+
+
+def check_median_ci95() -> dict:
+    """The interval of 1..21 brackets its median 11; one value is its own median."""
+    med, lo, hi = median_ci95([float(x) for x in range(1, 22)])
+    single = median_ci95([2.0])
+    return {
+        "ok": med == 11.0 and lo < med < hi and single[0] == 2.0,
+        "median_lo_hi_1_to_21": [med, lo, hi],
+        "median_lo_hi_single": list(single),
+    }
+
+
+def check_peak_rss(tmp: Path) -> dict:
+    """The sampler sees a child write 300 MiB (written, not just reserved; held 0.6 s)."""
+    code = "import time; b = b'x' * (300 * 2**20); time.sleep(0.6)"
+    out = peak_rss([sys.executable, "-c", code], tmp, {})
+    # A sample may land before the last pages are touched: the tree's PSS gets some slack.
+    out["ok"] = out["peak_rss_main_mib"] >= 300 and out["peak_pss_tree_mib"] >= 250
+    return out
+
+
+def check_no_host_sync(device: str, tmp: Path) -> dict:
+    """Between log steps the trainer's step (bf16 and fp32) never syncs the host with the GPU."""
+    if device != "cuda" or not torch.cuda.is_available():
+        return {"ok": False, "error": "no_host_sync needs --device cuda and a CUDA device"}
+    out: dict[str, Any] = {}
+    for precision in ("bf16", "fp32"):
+        cfg = _toy_config("baseline", steps=6, device=device, precision=precision)
+        ours, chunk = build_ours(cfg, tmp / f"sync-{precision}")
+        chunk()  # warm-up: cuDNN autotuning and lazy initialisation may sync
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        error = None
+        try:
+            chunk()  # steps 7..12: no log step (log_every_steps=50) inside
+        except RuntimeError as e:
+            error = str(e)[:2000]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        steps = int(ours.train_loader.steps)
+        out[precision] = {"ok": error is None and steps == 6, "error": error, "steps": steps}
+    out["ok"] = all(r["ok"] for r in out.values())
+    return out
+
+
+SELF_CHECKS = ("same_training", "meter_losses", "median_ci95", "peak_rss", "no_host_sync")
+
+
+def self_check(names: list[str], device: str) -> dict[str, dict]:
+    """Run the named checks; a check that raises counts as failed, with its error."""
+    unknown = set(names) - set(SELF_CHECKS)
+    if unknown:
+        raise SystemExit(f"unknown checks {sorted(unknown)}; choose from {', '.join(SELF_CHECKS)}")
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_train-check-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        checks: dict[str, Callable[[], dict]] = {
+            "same_training": lambda: check_same_training(device, tmp),
+            "meter_losses": lambda: check_meter_losses(device, tmp),
+            "median_ci95": check_median_ci95,
+            "peak_rss": lambda: check_peak_rss(tmp),
+            "no_host_sync": lambda: check_no_host_sync(device, tmp),
+        }
+        for name in names:
+            try:
+                results[name] = checks[name]()
+            except Exception as e:  # a crash is a failed check, reported with the others
+                results[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
+    return results
+
+
 def _print_table(res: dict) -> None:
     print(
         f"\n{res['model']}  {res['device']}  {res['image_size']}px batch={res['batch']} "
@@ -439,7 +686,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     ap.add_argument("--rss", action="store_true", help="also measure peak RSS (subprocesses)")
     ap.add_argument("--tiny", action="store_true", help="smoke mode: tiny sizes, few rounds")
+    ap.add_argument(
+        "--self-check",
+        metavar="CHECKS",
+        default=None,
+        help="instead of timing, check that the benchmark measures what it claims: a "
+        f"comma-separated subset of {','.join(SELF_CHECKS)}; prints one JSON line, exits 1 "
+        "when a check fails",
+    )
     args = ap.parse_args(argv)
+    if args.self_check is not None:
+        checks = self_check([c for c in args.self_check.split(",") if c], args.device)
+        print(json.dumps({"self_check": checks}))
+        failed = [name for name, r in checks.items() if not r["ok"]]
+        if failed or not checks:
+            raise SystemExit(f"self-check failed: {', '.join(failed) or 'no check named'}")
+        return [{"self_check": checks}]
     if args.threads == 0:
         args.threads = None
     if args.tiny:

@@ -40,14 +40,15 @@ ANCHORS_RESNET50_IMAGES_PER_S = {
 
 
 def import_check() -> dict:
-    """The training path (config, build, data for torch/synthetic, engine) must not import DALI.
+    """The training path (run dir, checkpoint, torch/synthetic data, engine) imports no DALI.
 
     wandb shows up only where it is installed: timm.utils tries it, optionally, at import time;
     the trainer imports it only for logger=wandb, so the GPU image needs no wandb.
     """
-    import powergrad.build
+    import powergrad.checkpoint
     import powergrad.data
-    import powergrad.engine  # noqa: F401
+    import powergrad.engine
+    import powergrad.rundir  # noqa: F401
 
     return {
         "dali_imported_by_training_path": any(m.startswith("nvidia.dali") for m in sys.modules),
