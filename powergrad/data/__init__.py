@@ -17,17 +17,35 @@ EvalLoader
     len(val) batches, iter(val) yields every val image of this rank's shard exactly once (the
     shards of all ranks cover the split exactly once, no padding reaches the caller), no
     augmentation.
+
+Files that fail during the run follow data.on_bad_file (powergrad.data.badfiles): a train sample
+is replaced by the next readable file of the listing (fixed batch shapes, the same batches on
+every world size), a val sample is left out, each file is warned about, counted in
+`Loaders.bad_file_log` and appended to RUN_DIR/bad_files.log; or DatasetError names it.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from powergrad.data.badfiles import BAD_FILE_LOG_NAME, BadFileLog
 from powergrad.data.config import DataConfig, LoaderConfig, Shard, val_resize_size
-from powergrad.data.layout import DatasetError, Listing, check_dataset, default_cache_dir
+from powergrad.data.layout import (
+    BAD_MANIFEST_NAME,
+    DatasetError,
+    Listing,
+    check_dataset,
+    default_cache_dir,
+    file_list_change,
+)
 
 __all__ = [
+    "BAD_FILE_LOG_NAME",
+    "BadFileLog",
     "DataConfig",
     "DatasetError",
     "Listing",
@@ -37,6 +55,7 @@ __all__ = [
     "build_loaders",
     "check_dataset",
     "dataset_root",
+    "file_list_change",
     "val_resize_size",
 ]
 
@@ -51,8 +70,18 @@ class Loaders:
     classes: list[str]
     train_images: int
     val_images: int
-    # Files left out as undecodable (relative path -> reason), for logging the count.
+    # Files left out at start as undecodable (relative path -> reason), for logging the count.
     bad_files: dict[str, str] = field(default_factory=dict)
+    # Files that failed during the run on this rank: .bad (path -> reason), .skipped (count).
+    bad_file_log: BadFileLog | None = None
+    # The dataset's file list (Listing.digest); None for synthetic data.
+    digest: str | None = None
+
+    def file_list_digest(self) -> str | None:
+        """The file list in one line (counts + hash), to save in a checkpoint and compare at
+        resume with `powergrad.data.file_list_change(saved, loaders.file_list_digest())`,
+        which returns None when unchanged, else the message to log. None for synthetic data."""
+        return self.digest
 
 
 def dataset_root(data: DataConfig) -> str:
@@ -66,12 +95,20 @@ def dataset_root(data: DataConfig) -> str:
     return data.root
 
 
-def build_loaders(data: DataConfig, loader: LoaderConfig, shard: Shard) -> Loaders:
+def build_loaders(
+    data: DataConfig,
+    loader: LoaderConfig,
+    shard: Shard,
+    run_dir: str | os.PathLike | None = None,
+) -> Loaders:
     """Check the dataset and build the train and val loaders of `shard`.
 
-    Raises DatasetError (naming paths) for a missing root or split, an empty class, a train/val
-    class mismatch, bad files with data.on_bad_file=error, or a dataset too small for one batch
-    per rank.
+    run_dir: where files that fail during the run are listed (RUN_DIR/bad_files.log, all ranks
+    append); None: warnings and counts only.
+
+    Raises DatasetError (naming paths) for a missing root or split, an empty class, a class
+    without a usable image, a train/val class mismatch, bad files with data.on_bad_file=error,
+    or a dataset too small for one batch per rank.
     """
     if data.name == "synthetic":
         from powergrad.data.synthetic import SyntheticEvalLoader, SyntheticTrainLoader
@@ -105,16 +142,19 @@ def build_loaders(data: DataConfig, loader: LoaderConfig, shard: Shard) -> Loade
         )
     files = {split: listing.files(split) for split in ("train", "val")}
     labels = {split: listing.labels(split) for split in ("train", "val")}
+    log_path = Path(run_dir) / BAD_FILE_LOG_NAME if run_dir is not None else None
+    bad_log = BadFileLog(listing.root, data.on_bad_file, log_path, shard.rank)
     if loader.backend == "torch":
         from powergrad.data.torch_backend import TorchEvalLoader, TorchTrainLoader
 
-        train = TorchTrainLoader(files["train"], labels["train"], data, loader, shard)
-        val = TorchEvalLoader(files["val"], labels["val"], data, loader, shard)
+        train = TorchTrainLoader(files["train"], labels["train"], data, loader, shard, bad_log)
+        val = TorchEvalLoader(files["val"], labels["val"], data, loader, shard, bad_log)
     else:
         from powergrad.data.dali_backend import DaliEvalLoader, DaliTrainLoader
 
-        train = DaliTrainLoader(files["train"], labels["train"], data, loader, shard)
-        val = DaliEvalLoader(files["val"], labels["val"], data, loader, shard)
+        _warn_without_full_scan(data, listing.root)
+        train = DaliTrainLoader(files["train"], labels["train"], data, loader, shard, bad_log)
+        val = DaliEvalLoader(files["val"], labels["val"], data, loader, shard, bad_log)
     return Loaders(
         train,
         val,
@@ -123,4 +163,18 @@ def build_loaders(data: DataConfig, loader: LoaderConfig, shard: Shard) -> Loade
         len(listing.train),
         len(listing.val),
         bad_files=dict(listing.bad),
+        bad_file_log=bad_log,
+        digest=listing.digest(),
     )
+
+
+def _warn_without_full_scan(data: DataConfig, root: str) -> None:
+    """ImageNet on DALI without a decode scan: say what DALI cannot catch (once per start)."""
+    manifest = Path(data.bad_files) if data.bad_files else Path(root) / BAD_MANIFEST_NAME
+    if data.name == "imagenet" and not manifest.is_file():
+        warnings.warn(
+            f"no full decode scan of {root} ({manifest} missing): DALI decodes a JPEG with "
+            "corrupt image data to garbage pixels without an error (only 'Corrupt JPEG data' on "
+            f"stderr); run `python scripts/check_dataset.py {root}` once to list such files",
+            stacklevel=3,
+        )

@@ -10,34 +10,49 @@ pipeline + iterator checkpoint after the last batch handed out, and a pipeline r
 continues with the next batch bit-for-bit. Without a matching checkpoint, `epoch(e, k)` replays
 and discards batches 0..k-1 (same result, costs their decode time).
 
-Val: one persistent pipeline over the sorted val files with pad_last_batch=True and an iterator
-with LastBatchPolicy.PARTIAL, which drops the padding: across ranks every image once.
+Val: one persistent pipeline over this rank's contiguous shard of the sorted val files
+(powergrad.data.sampling.shard_range) with pad_last_batch=True and an iterator with
+LastBatchPolicy.PARTIAL, which drops the padding: across ranks every image once.
 
-Only files that passed the dataset check are ever listed, so the reader never sees an empty or
-truncated file.
+Bad files. Only files that passed the start-up check are listed, so the reader never sees an
+empty or truncated file. DALI cannot skip a sample inside the graph: a file deleted mid-run or
+one its decoder rejects (e.g. a bogus Huffman table) stops the pipeline with a RuntimeError
+naming the file. The loaders catch it, find the file in the message and apply data.on_bad_file
+(powergrad.data.badfiles): error raises DatasetError naming it; skip rebuilds the pipeline with
+the file replaced by the next readable file of the listing (train; restored from the DALI
+checkpoint of the last batch read, so the batches are bitwise those of a run that never listed
+the file) or left out (val; the rest of the shard continues). What DALI cannot detect: a JPEG
+whose entropy-coded data is corrupt decodes "successfully" to garbage pixels (libjpeg-turbo
+only prints "Corrupt JPEG data" on stderr); the torch backend refuses such files, and the full
+decode scan (scripts/check_dataset.py -> ROOT/bad_files.tsv) keeps them out of a DALI run.
 """
 
 from __future__ import annotations
 
 import base64
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+from powergrad.data.badfiles import MAX_CONSECUTIVE_BAD, BadFileLog
 from powergrad.data.config import DataConfig, LoaderConfig, Shard, val_resize_size
 from powergrad.data.sampling import (
     STREAM_DALI,
     derive_seed,
     epoch_permutation,
+    rank_batches,
     shard_range,
     sharded_order,
     train_steps,
 )
 
 _OUTPUTS = ["images", "labels"]
+_INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
 
 
 def _normalize_args(data: DataConfig) -> dict:
@@ -89,7 +104,8 @@ def train_pipeline(
 def val_pipeline(
     files: list[str], labels: list[int], shard_id: int, num_shards: int, data: DataConfig, gpu: bool
 ):
-    """Decode, resize the shorter side to image_size / val_resize_ratio, center crop, normalize."""
+    """Decode, resize the shorter side to image_size / val_resize_ratio (data.val_interpolation,
+    antialiased), center crop, normalize."""
     encoded, label = fn.readers.file(
         files=files,
         labels=labels,
@@ -103,7 +119,7 @@ def val_pipeline(
     images = fn.resize(
         images,
         resize_shorter=val_resize_size(data),
-        interp_type=types.INTERP_LINEAR,
+        interp_type=_INTERP[data.val_interpolation],
         antialias=True,
     )
     images = fn.crop_mirror_normalize(
@@ -136,6 +152,24 @@ def _to_contract(batch: list[dict], device: torch.device) -> tuple[torch.Tensor,
     return images, labels
 
 
+def failed_file(error: BaseException, files: Sequence[str]) -> tuple[str, str] | None:
+    """(path, reason) when a DALI pipeline error names one of `files`, else None.
+
+    DALI names the file in its message ("Failed to decode sample #3 : PATH", "File mapping
+    failed: PATH"); the reason is the line that names it.
+    """
+    text = str(error)
+    candidates = {t.rstrip(".,:;)") for t in re.findall(r"[^\s'\"]*/[^\s'\"]*", text)}
+    if not candidates:
+        return None
+    known = candidates & set(files)
+    if not known:
+        return None
+    path = min(known, key=text.index)
+    line = next((ln.strip() for ln in text.splitlines() if path in ln), path)
+    return path, f"DALI: {line.replace(path, '<file>')}"[:200]
+
+
 class DaliTrainLoader:
     """Training batches from DALI; see powergrad.data for the TrainLoader contract."""
 
@@ -146,13 +180,28 @@ class DaliTrainLoader:
         data: DataConfig,
         loader: LoaderConfig,
         shard: Shard,
+        bad_log: BadFileLog,
     ) -> None:
         self.files, self.labels = list(files), list(labels)
         self.data, self.loader, self.shard = data, loader, shard
+        self.bad_log = bad_log
         self.steps = train_steps(len(self.files), shard.batch_size, shard.world_size)
         self._iterator: DALIGenericIterator | None = None
+        # DALI checkpoint after the last batch read from the pipeline (~0.1 ms per batch).
+        self._checkpoint: bytes | None = None
         self._epoch, self._next_batch = 0, 0
         self._resume: dict = {}
+        # Listing indices of files found unreadable during the run (this rank).
+        self._bad: set[int] = set()
+
+    def _substitute(self, index: int) -> int:
+        """`index`, or the next listing index (cyclically) not known to be unreadable."""
+        n = len(self.files)
+        for step in range(n):
+            j = (index + step) % n
+            if j not in self._bad:
+                return j
+        raise self.bad_log.too_many(self.files[index])
 
     def __len__(self) -> int:
         return self.steps
@@ -164,6 +213,8 @@ class DaliTrainLoader:
         order = sharded_order(
             epoch_permutation(len(self.files), s.seed, epoch), s.batch_size, s.world_size
         )
+        if self._bad:
+            order = [self._substitute(int(i)) for i in order]
         pipe = train_pipeline(
             [self.files[i] for i in order],
             [self.labels[i] for i in order],
@@ -200,27 +251,62 @@ class DaliTrainLoader:
                 f"called with one): replaying and discarding {start_batch} batches",
                 stacklevel=2,
             )
-        self._iterator = self._build(epoch, checkpoint)
+        self._iterator = None  # built in the loop: DALI's iterator reads a batch when created
+        self._checkpoint = checkpoint
+        if self._bad:  # files known bad are replaced up front: count the samples they cost
+            s = self.shard
+            mine = rank_batches(
+                epoch_permutation(len(self.files), s.seed, epoch),
+                s.batch_size,
+                s.rank,
+                s.world_size,
+            )[start_batch * s.batch_size :]
+            self.bad_log.skipped += int(np.isin(mine, sorted(self._bad)).sum())
         self._epoch, self._next_batch = epoch, 0 if checkpoint is None else start_batch
+        rebuilds = 0  # in a row without a batch read: a dataset gone rather than a bad file
         try:
             while self._next_batch < self.steps:
-                batch = next(self._iterator)
+                try:
+                    if self._iterator is None:
+                        # The epoch order (known bad files replaced), from the last batch read.
+                        self._iterator = self._build(epoch, self._checkpoint)
+                    batch = next(self._iterator)
+                except RuntimeError as e:
+                    path = self._skip_failed(e, epoch)  # raises unless the file can be skipped
+                    rebuilds += 1
+                    if rebuilds >= MAX_CONSECUTIVE_BAD:
+                        raise self.bad_log.too_many(path) from e
+                    continue
+                rebuilds = 0
+                self._checkpoint = self._iterator.checkpoints()[0]
                 self._next_batch += 1
                 if self._next_batch > start_batch:
                     yield _to_contract(batch, self.shard.device)
         finally:
             # Drop the pipeline (its threads and buffers) once the epoch is over or abandoned.
             self._iterator = None
+            self._checkpoint = None
+
+    def _skip_failed(self, error: RuntimeError, epoch: int) -> str:
+        """Report the file a pipeline error names and mark it bad (returns its path); re-raise
+        errors that name no listed file."""
+        self._iterator = None
+        found = failed_file(error, self.files)
+        if found is None:
+            raise error
+        path, reason = found
+        self.bad_log.report(path, reason, split="train", epoch=epoch)  # raises under error
+        self._bad.add(self.files.index(path))
+        return path
 
     def state_dict(self) -> dict:
         """Position and DALI checkpoint after the last batch handed out ({} between epochs)."""
-        if self._iterator is None:
+        if self._iterator is None or self._checkpoint is None:
             return {}
-        checkpoint = self._iterator.checkpoints()[0]
         return {
             "epoch": self._epoch,
             "next_batch": self._next_batch,
-            "dali_checkpoint": base64.b64encode(checkpoint).decode("ascii"),
+            "dali_checkpoint": base64.b64encode(self._checkpoint).decode("ascii"),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -238,32 +324,74 @@ class DaliEvalLoader:
         data: DataConfig,
         loader: LoaderConfig,
         shard: Shard,
+        bad_log: BadFileLog,
     ) -> None:
+        self.data, self.loader, self.shard, self.bad_log = data, loader, shard, bad_log
         self.device = shard.device
         start, stop = shard_range(len(files), shard.rank, shard.world_size)
+        # This rank's shard, read by a 1-shard reader: a file left out here moves no image
+        # between ranks.
+        self.files, self.labels = list(files[start:stop]), list(labels[start:stop])
         self.batches = -(-(stop - start) // shard.batch_size)
+        # Built on first use (DALI's iterator reads a batch when created), then kept.
+        self._iterator: DALIGenericIterator | None = None
+        self._dropped = 0  # files left out of this shard as unreadable
+
+    def _build(self, first: int, auto_reset: bool) -> DALIGenericIterator:
+        """An iterator over self.files[first:]."""
         pipe = val_pipeline(
-            list(files),
-            list(labels),
-            shard.rank,
-            shard.world_size,
-            data,
-            shard.device.type == "cuda",
+            self.files[first:],
+            self.labels[first:],
+            0,
+            1,
+            self.data,
+            self.device.type == "cuda",
             seed=0,
-            **_pipe_kwargs(loader, shard.batch_size, shard.device),
+            **_pipe_kwargs(self.loader, self.shard.batch_size, self.device),
         )
         pipe.build()
-        self.iterator = DALIGenericIterator(
+        return DALIGenericIterator(
             pipe,
             _OUTPUTS,
             reader_name="Reader",
             last_batch_policy=LastBatchPolicy.PARTIAL,
-            auto_reset=True,
+            auto_reset=auto_reset,
         )
 
     def __len__(self) -> int:
         return self.batches
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for batch in self.iterator:
-            yield _to_contract(batch, self.device)
+        """Every readable image of this rank's shard once (unreadable ones are left out)."""
+        if not self.files:
+            return
+        iterator = self._iterator
+        # Files left out in earlier passes are skipped samples of this pass too.
+        self.bad_log.skipped += self._dropped
+        done = 0  # images of self.files handed out in this pass
+        while True:
+            try:
+                if iterator is None:
+                    # The whole shard (kept for the next passes), or its rest after a bad file.
+                    iterator = self._build(done, auto_reset=done == 0)
+                    if done == 0:
+                        self._iterator = iterator
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except RuntimeError as e:
+                self._iterator = iterator = None  # the pipeline is dead
+                found = failed_file(e, self.files[done:])
+                if found is None:
+                    raise
+                path, reason = found
+                self.bad_log.report(path, reason, split="val")  # raises under error
+                index = self.files.index(path, done)
+                del self.files[index], self.labels[index]
+                self._dropped += 1
+                if done == len(self.files):
+                    return
+                continue
+            images, labels = _to_contract(batch, self.device)
+            done += len(labels)
+            yield images, labels

@@ -13,13 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
+
+from powergrad.fileio import atomic_write
 
 SPLITS = ("train", "val")
 BAD_MANIFEST_NAME = "bad_files.tsv"
@@ -61,6 +62,43 @@ class Listing:
         """Class indices of `split`'s samples, in listing order."""
         samples = self.train if split == "train" else self.val
         return [s.label for s in samples]
+
+    def digest(self) -> str:
+        """The file list in one line: image counts and a hash of every (split, path, class).
+
+        Saved in a checkpoint and compared at resume (:func:`file_list_change`): a different
+        list (files added, removed, newly listed as bad) changes the sample order of the
+        remaining epochs.
+        """
+        h = hashlib.sha256()
+        for c in self.classes:
+            h.update(f"class\0{c}\n".encode())
+        for s in self.train + self.val:
+            h.update(f"{s.path}\0{s.label}\n".encode())
+        return f"train={len(self.train)} val={len(self.val)} sha256={h.hexdigest()[:16]}"
+
+
+def file_list_change(saved: str | None, current: str) -> str | None:
+    """None when a checkpoint's file-list digest equals the current one, else a message.
+
+    `saved` is what `Listing.digest()` (or `Loaders.file_list_digest()`) returned when the
+    checkpoint was written; None (an older checkpoint) also yields None: nothing to compare.
+    """
+    if saved is None or saved == current:
+        return None
+
+    def counts(digest: str) -> dict[str, str]:
+        return dict(part.split("=", 1) for part in digest.split() if "=" in part)
+
+    old, new = counts(saved), counts(current)
+    sizes = ", ".join(
+        f"{split} {old.get(split, '?')} -> {new.get(split, '?')} images" for split in SPLITS
+    )
+    return (
+        f"the dataset's file list changed since the checkpoint ({sizes}; digest {saved!r} -> "
+        f"{current!r}): files were added, removed or newly listed as bad, so the remaining "
+        "epochs see another sample order than the interrupted run would have"
+    )
 
 
 def default_cache_dir() -> Path:
@@ -191,10 +229,7 @@ def _listing_key(root: Path, entries: Iterable[tuple[str, os.DirEntry]]) -> tupl
 
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, text)
 
 
 def cheap_check(
@@ -323,4 +358,18 @@ def check_dataset(
     for split in SPLITS:
         if not samples[split]:
             raise DatasetError(f"no usable images left in {root_path / split}")
+    # A class whose files are all bad would train (or be scored) with zero images.
+    hollow = [
+        f"{root_path / split / cls} ({len(splits[split][cls])} file(s), none usable)"
+        for split in SPLITS
+        for cls in classes
+        if not any(s.label == index[cls] for s in samples[split])
+    ]
+    if hollow:
+        raise DatasetError(
+            "classes without a usable image (every file is bad):\n  "
+            + "\n  ".join(hollow[:50])
+            + (f"\n  ... and {len(hollow) - 50} more" if len(hollow) > 50 else "")
+            + "\nremove the class on both splits or replace its files"
+        )
     return Listing(str(root_path), classes, samples["train"], samples["val"], bad)

@@ -2,7 +2,8 @@
 
 The reference the DALI pipeline is checked against. Augmentation randomness depends only on
 (seed, epoch, sample index), never on which worker loads a sample, so an epoch started at
-batch k yields exactly the tail of the full epoch.
+batch k yields exactly the tail of the full epoch. Files that fail to load are handled per
+data.on_bad_file (powergrad.data.badfiles): workers report them, the main process decides.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
 
+from powergrad.data.badfiles import MAX_CONSECUTIVE_BAD, BadFileLog, describe_error
 from powergrad.data.config import DataConfig, LoaderConfig, Shard, val_resize_size
 from powergrad.data.sampling import (
     STREAM_AUGMENT,
@@ -31,56 +33,80 @@ def load_rgb(path: str) -> torch.Tensor:
     """Decode an image file to a uint8 3 x H x W RGB tensor.
 
     torchvision.io first (libjpeg-turbo; grayscale and CMYK JPEGs are converted to RGB), PIL
-    only for what it cannot decode.
+    only for other formats it cannot decode. A JPEG torchvision refuses is bad: it raises on
+    corrupt image data ("Image is incomplete or truncated") where PIL, like DALI, may return
+    garbage pixels, so falling back to PIL would hide the corruption.
     """
-    try:
-        with warnings.catch_warnings():
-            # torchvision 0.29 deprecates its decoders in favour of TorchCodec and warns on every
-            # call; the pinned version still ships them and they are the fast path here.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return decode_image(read_file(path), mode=ImageReadMode.RGB)
-    except RuntimeError:
-        from PIL import Image
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its decoders in favour of TorchCodec and warns on every
+        # call; the pinned version still ships them and they are the fast path here.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        data = read_file(path)
+        try:
+            return decode_image(data, mode=ImageReadMode.RGB)
+        except RuntimeError:
+            if bytes(data[:3].tolist()) == b"\xff\xd8\xff":
+                raise
+    from PIL import Image
 
-        with Image.open(path) as img:
-            rgb = img.convert("RGB")
-            return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
+    with Image.open(path) as img:
+        rgb = img.convert("RGB")
+        return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
+
+
+# One sample as a worker returns it: the image (None when it could not be read: val, or no
+# readable substitute), its label, and the (path, reason) of every file that failed on the way.
+Item = tuple[torch.Tensor | None, int, list[tuple[str, str]]]
 
 
 class ImageFiles(Dataset):
-    """Files + labels; indexed by (epoch, sample index) so augmentation is reproducible."""
+    """Files + labels; indexed by (epoch, sample index) so augmentation is reproducible.
+
+    A file that fails to load is reported, never raised here (the main process applies
+    data.on_bad_file, see powergrad.data.badfiles); with `substitute` (train) the next files of
+    the listing are tried in turn, and the first readable one is returned with the augmentation
+    of the requested (epoch, index).
+    """
 
     def __init__(
-        self, files: Sequence[str], labels: Sequence[int], transform: v2.Transform, seed: int
+        self,
+        files: Sequence[str],
+        labels: Sequence[int],
+        transform: v2.Transform,
+        seed: int,
+        substitute: bool,
     ) -> None:
         self.files = list(files)
         self.labels = list(labels)
         self.transform = transform
         self.seed = seed
+        self.attempts = min(MAX_CONSECUTIVE_BAD, len(self.files)) if substitute else 1
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: tuple[int, int]) -> Item:
         epoch, index = key
-        try:
-            image = load_rgb(self.files[index])
-        except Exception as e:  # name the file whatever the decoder raised
-            raise RuntimeError(
-                f"cannot decode {self.files[index]} ({type(e).__name__}: {e}); the start-up check "
-                "only reads headers: run scripts/check_dataset.py ROOT once to find and skip "
-                "such files"
-            ) from e
-        # fork_rng keeps the caller's global RNG untouched when loading in the main process.
-        # Only the CPU generator is seeded (the transforms draw from it alone): torch.manual_seed
-        # would also queue a CUDA reseed with a formatted stack trace in every call, ~400 us of
-        # a ~2 ms digits sample, and reseed the GPUs when loading in the main process.
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(
-                derive_seed(self.seed, epoch, index, STREAM_AUGMENT)
-            )
-            image = self.transform(image)
-        return image, self.labels[index]
+        failed: list[tuple[str, str]] = []
+        for step in range(self.attempts):
+            j = (index + step) % len(self.files)
+            try:
+                image = load_rgb(self.files[j])
+            except Exception as e:  # any failure (missing file, decoder error) marks it bad
+                failed.append((self.files[j], describe_error(e)))
+                continue
+            # fork_rng keeps the caller's global RNG untouched when loading in the main
+            # process. Only the CPU generator is seeded (the transforms draw from it alone):
+            # torch.manual_seed would also queue a CUDA reseed with a formatted stack trace in
+            # every call, ~400 us of a ~2 ms digits sample, and reseed the GPUs when loading in
+            # the main process.
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(
+                    derive_seed(self.seed, epoch, index, STREAM_AUGMENT)
+                )
+                image = self.transform(image)
+            return image, self.labels[j], failed
+        return None, self.labels[index], failed
 
 
 class _EpochBatches(Sampler):
@@ -106,10 +132,12 @@ class _EpochBatches(Sampler):
             yield [(self.epoch, int(i)) for i in mine[lo : lo + s.batch_size]]
 
 
-def _collate(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    images = torch.stack([img for img, _ in batch])
-    labels = torch.tensor([label for _, label in batch], dtype=torch.int64)
-    return images, labels
+def _collate(batch: list[Item]) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
+    """Stack the readable samples; pass the failures on to the main process."""
+    kept = [(img, label) for img, label, _ in batch if img is not None]
+    images = torch.stack([img for img, _ in kept]) if kept else torch.empty(0, dtype=torch.uint8)
+    labels = torch.tensor([label for _, label in kept], dtype=torch.int64)
+    return images, labels, [f for _, _, failed in batch for f in failed]
 
 
 class Normalizer:
@@ -171,11 +199,21 @@ class CenterCrop:
         return image[..., top : top + self.size, left : left + self.size]
 
 
+_INTERPOLATION = {
+    "bilinear": v2.InterpolationMode.BILINEAR,
+    "bicubic": v2.InterpolationMode.BICUBIC,
+}
+
+
 def val_transform(data: DataConfig) -> v2.Transform:
-    """Resize the shorter side to image_size / val_resize_ratio (bilinear), center crop."""
-    return v2.Compose(
-        [v2.Resize(val_resize_size(data), antialias=True), CenterCrop(data.image_size)]
+    """Resize the shorter side to image_size / val_resize_ratio (data.val_interpolation,
+    antialiased like PIL, which the authors' timm eval used), center crop image_size."""
+    resize = v2.Resize(
+        val_resize_size(data),
+        interpolation=_INTERPOLATION[data.val_interpolation],
+        antialias=True,
     )
+    return v2.Compose([resize, CenterCrop(data.image_size)])
 
 
 class TorchTrainLoader:
@@ -188,9 +226,13 @@ class TorchTrainLoader:
         data: DataConfig,
         loader: LoaderConfig,
         shard: Shard,
+        bad_log: BadFileLog,
     ) -> None:
         self.sampler = _EpochBatches(len(files), shard)
-        dataset = ImageFiles(files, labels, train_transform(data), shard.seed)
+        self.batch_size, self.bad_log = shard.batch_size, bad_log
+        dataset = ImageFiles(
+            files, labels, train_transform(data), shard.seed, substitute=data.on_bad_file == "skip"
+        )
         self.loader = DataLoader(
             dataset, batch_sampler=self.sampler, **_loader_kwargs(loader, shard.device)
         )
@@ -208,7 +250,11 @@ class TorchTrainLoader:
         self.sampler.configure(epoch, start_batch)
         if start_batch == len(self):
             return
-        for images, labels in self.loader:
+        for images, labels, failed in self.loader:
+            for path, reason in failed:
+                self.bad_log.report(path, reason, split="train", epoch=epoch)
+            if len(labels) < self.batch_size:  # no readable substitute within reach
+                raise self.bad_log.too_many(failed[0][0])
             yield self.normalize(images, labels)
 
     def state_dict(self) -> dict:
@@ -229,12 +275,14 @@ class TorchEvalLoader:
         data: DataConfig,
         loader: LoaderConfig,
         shard: Shard,
+        bad_log: BadFileLog,
     ) -> None:
         start, stop = shard_range(len(files), shard.rank, shard.world_size)
         keys = [(0, i) for i in range(start, stop)]
         size = shard.batch_size
         batches = [keys[i : i + size] for i in range(0, len(keys), size)]
-        dataset = ImageFiles(files, labels, val_transform(data), seed=0)
+        dataset = ImageFiles(files, labels, val_transform(data), seed=0, substitute=False)
+        self.bad_log = bad_log
         self.loader = DataLoader(
             dataset, batch_sampler=batches, **_loader_kwargs(loader, shard.device)
         )
@@ -245,5 +293,9 @@ class TorchEvalLoader:
         return self.batches
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels in self.loader:
-            yield self.normalize(images, labels)
+        """Every readable image of this rank's shard once (unreadable ones are left out)."""
+        for images, labels, failed in self.loader:
+            for path, reason in failed:
+                self.bad_log.report(path, reason, split="val")
+            if len(labels):
+                yield self.normalize(images, labels)
