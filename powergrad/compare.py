@@ -1,15 +1,30 @@
-"""Side-by-side comparison of finished runs: a table (markdown + json) and accuracy-vs-epoch plot.
+"""Side-by-side comparison of finished runs: seeds averaged per configuration, per-run rows, a plot.
 
 Runs automatically at the end of a Hydra multirun (:class:`CompareCallback`, configured in
-configs/train.yaml), writing ``compare.md``, ``compare.json`` and ``compare.png`` into the sweep
-directory. Also usable by hand on any run directories::
+configs/train.yaml), writing into the sweep directory:
+
+- ``compare.md``: one row per configuration (model, schedule, batch, method, alpha) with its
+  seeds and their number n; every metric is the mean ± sample std over those seeds (the value
+  alone when n = 1; a cell's own ``(n=k)`` when fewer seeds have that metric, e.g. a diverged run);
+- ``compare.csv``: one row per run (its directory, configuration key, seed and metrics);
+- ``compare.json``: the per-run ``rows`` (as the CSV) and the ``configurations``
+  (mean, std, n of each metric);
+- ``compare.png``: train (dashed) and val (solid) top-1 against the epoch, one colour per
+  configuration.
+
+Also usable by hand on any run directories::
 
     python -m powergrad.compare multirun/DATE/TIME_ID/*  [--out DIR]
+
+Runs are loaded by :mod:`powergrad.results` (the report's loader); "seeds of one configuration"
+is its :func:`~powergrad.results.by_configuration`, the wandb job type's key.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import time
 from collections.abc import Iterable
@@ -20,96 +35,195 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from powergrad.fileio import atomic_write
-from powergrad.results import load_runs
+from powergrad.results import Stat, by_configuration, load_runs, mean_std
 
-__all__ = ["COLUMNS", "CompareCallback", "compare_runs", "format_table", "load_runs", "plot_runs"]
-
-# (header, summary key, format) of the table's columns. "val top-1 %" is the final epoch's (as
-# train.py's summary ``val_top1``); the best epoch's and its epoch follow (powergrad.results fills
-# them in for runs whose summary predates ``val_top1_best`` / ``best_epoch``).
-COLUMNS: list[tuple[str, str, str]] = [
-    ("method", "method", "{}"),
-    ("alpha", "alpha", "{:g}"),
-    ("train top-1 %", "train_top1", "{:.2f}"),
-    ("val top-1 %", "val_top1_final", "{:.2f}"),
-    ("train loss", "train_loss", "{:.4f}"),
-    ("val loss", "val_loss", "{:.4f}"),
-    ("logit norm", "logit_norm", "{:.2f}"),
-    ("wall s", "wall_s", "{:.0f}"),
-    ("best val top-1 %", "val_top1_best", "{:.2f}"),
-    ("best epoch", "best_epoch", "{}"),
+__all__ = [
+    "LABELS",
+    "METRICS",
+    "CompareCallback",
+    "compare_runs",
+    "configurations",
+    "format_table",
+    "load_runs",
+    "plot_runs",
+    "run_rows",
 ]
 
+# (header, summary key) of what names a configuration; seeds and n follow them in the table.
+LABELS: list[tuple[str, str]] = [
+    ("model", "model"),
+    ("sched", "sched"),
+    ("batch", "batch_size"),
+]
+# (header, summary key, decimals) of the averaged metrics. "val top-1 %" is the final epoch's (as
+# train.py's summary ``val_top1``); the best epoch's and its epoch close the row (powergrad.results
+# fills them in for runs whose summary predates ``val_top1_best`` / ``best_epoch``).
+METRICS: list[tuple[str, str, int]] = [
+    ("train top-1 %", "train_top1", 2),
+    ("val top-1 %", "val_top1_final", 2),
+    ("train loss", "train_loss", 4),
+    ("val loss", "val_loss", 4),
+    ("logit norm", "logit_norm", 2),
+    ("wall s", "wall_s", 0),
+    ("best val top-1 %", "val_top1_best", 2),
+    ("best epoch", "best_epoch", 0),
+]
+# Per-run columns of compare.csv / compare.json's rows, after run_dir and config.
+RUN_KEYS = ["model", "method", "alpha", "sched", "batch_size", "seed", *(k for _, k, _ in METRICS)]
 
-def _cell(value: Any, fmt: str) -> str:
+
+def _text(value: Any) -> str:
     if value is None:
         return "-"
-    try:
-        return fmt.format(value)
-    except (TypeError, ValueError):
-        return str(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _fmt_stat(stat: Stat | None, digits: int, n_runs: int) -> str:
+    """``mean ± std`` over the seeds; the value alone for one seed; ``(n=k)`` when fewer than
+    the configuration's n seeds have this metric; "-" when none has it."""
+    if stat is None:
+        return "-"
+    if stat.n == 1:
+        text = f"{stat.mean:.{digits}f}"
+    else:
+        d = max(digits, 1)  # an average of whole epochs or seconds keeps one decimal
+        text = f"{stat.mean:.{d}f} ± {stat.std:.{d}f}"
+    return text if stat.n == n_runs else f"{text} (n={stat.n})"
+
+
+def configurations(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per configuration (its seeds' runs): the label fields (model, sched,
+    batch_size, method, alpha), ``key``, ``seeds``, ``n`` and a :class:`Stat` per metric key."""
+    out = []
+    for key, group in by_configuration(runs).items():
+        first = group[0]["summary"]
+        out.append(
+            {
+                "key": key,
+                **{k: first.get(k) for _, k in LABELS},
+                "method": first.get("method"),
+                "alpha": first.get("alpha"),
+                "seeds": [r["summary"].get("seed") for r in group],
+                "n": len(group),
+                "stats": {k: mean_std(r["summary"].get(k) for r in group) for _, k, _ in METRICS},
+                "runs": group,
+            }
+        )
+    return out
 
 
 def format_table(runs: list[dict[str, Any]]) -> str:
-    """The runs as a markdown table, one row per run, in COLUMNS order (val top-1 % is the
-    final epoch's; the best epoch's and its number are the last two columns)."""
-    header = "| " + " | ".join(h for h, _, _ in COLUMNS) + " |"
-    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    rows = [
-        "| " + " | ".join(_cell(r["summary"].get(key), fmt) for _, key, fmt in COLUMNS) + " |"
-        for r in runs
+    """The runs as a markdown table, one row per configuration: model, sched, batch, the seeds and
+    their number n, method, alpha, then each metric as mean ± std over the seeds (val top-1 % is
+    the final epoch's; the best epoch's and its number are the last two columns)."""
+    headers = [h for h, _ in LABELS] + ["seed", "n", "method", "alpha"] + [h for h, _, _ in METRICS]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for c in configurations(runs):
+        cells = [_text(c[k]) for _, k in LABELS]
+        cells += [",".join(map(_text, c["seeds"])), str(c["n"]), _text(c["method"])]
+        cells.append(_text(c["alpha"]))
+        cells += [_fmt_stat(c["stats"][k], d, c["n"]) for _, k, d in METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One flat record per run: ``run_dir``, ``config`` (its configuration key) and RUN_KEYS."""
+    return [
+        {
+            "run_dir": c_run["run_dir"],
+            "config": c["key"],
+            **{k: c_run["summary"].get(k) for k in RUN_KEYS},
+        }
+        for c in configurations(runs)
+        for c_run in c["runs"]
     ]
-    return "\n".join([header, rule, *rows])
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["run_dir", "config", *RUN_KEYS], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+    return buf.getvalue()
+
+
+def _label(c: dict[str, Any]) -> str:
+    label = f"{c['method']}"
+    if c["alpha"] is not None:
+        label += f" (alpha={c['alpha']:g})"
+    if c["n"] > 1:
+        label += f", {c['n']} seeds"
+    return label
 
 
 def plot_runs(runs: list[dict[str, Any]], path: str | Path) -> None:
-    """Train (dashed) and val (solid) top-1 against the epoch, one colour per run, as a PNG."""
+    """Train (dashed) and val (solid) top-1 against the epoch as a PNG: one colour per
+    configuration, one line per seed (labelled once), a dot per epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, run in enumerate(runs):
-        s, color = run["summary"], f"C{i}"
-        label = s.get("method", Path(run["run_dir"]).name)
-        if s.get("alpha") is not None:
-            label += f" (alpha={s['alpha']:g})"
-        train = [(r["epoch"], r["train_top1"]) for r in run["history"] if "train_top1" in r]
-        val = [(r["epoch"], r["val_top1"]) for r in run["history"] if "val_top1" in r]
-        if train:
-            ax.plot(*zip(*train, strict=True), "--", color=color, label=f"{label} train")
-        if val:
-            ax.plot(*zip(*val, strict=True), "-", color=color, label=f"{label} val")
+    for i, c in enumerate(configurations(runs)):
+        color, label = f"C{i}", _label(c)
+        for j, run in enumerate(c["runs"]):
+            train = [(r["epoch"], r["train_top1"]) for r in run["history"] if "train_top1" in r]
+            val = [(r["epoch"], r["val_top1"]) for r in run["history"] if "val_top1" in r]
+            if train:
+                ax.plot(*zip(*train, strict=True), "--", marker=".", color=color, alpha=0.8,
+                        label=f"{label} train" if j == 0 else None)  # fmt: skip
+            if val:
+                ax.plot(*zip(*val, strict=True), "-", marker=".", color=color, alpha=0.8,
+                        label=f"{label} val" if j == 0 else None)  # fmt: skip
     ax.set_xlabel("epoch")
     ax.set_ylabel("top-1 accuracy (%)")
     first = runs[0]["summary"] if runs else {}
     ax.set_title(f"{first.get('model', '')} on {first.get('dataset', '')}".strip())
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def _stat_json(stat: Stat | None) -> dict[str, float | int] | None:
+    return None if stat is None else {"mean": stat.mean, "std": stat.std, "n": stat.n}
+
+
 def compare_runs(
     run_dirs: Iterable[str | Path], out_dir: str | Path, *, total_wall_s: float | None = None
 ) -> str:
-    """Write compare.md / compare.json / compare.png into ``out_dir`` and return the table."""
+    """Write compare.md / compare.csv / compare.json / compare.png into ``out_dir`` and return
+    the table (seeds of a configuration averaged); "" when no directory holds a run."""
     out_dir = Path(out_dir)
     runs = load_runs(run_dirs, finished_only=False)  # a sweep's cut-short jobs are shown too
     if not runs:
         return ""
     table = format_table(runs)
     note = f"\n\ntotal wall time: {total_wall_s:.0f} s" if total_wall_s is not None else ""
-    (out_dir / "compare.md").write_text(table + note + "\n")
-    rows = [
-        {"run_dir": r["run_dir"], **{key: r["summary"].get(key) for _, key, _ in COLUMNS}}
-        for r in runs
+    atomic_write(out_dir / "compare.md", table + note + "\n")
+    rows = run_rows(runs)
+    atomic_write(out_dir / "compare.csv", _csv(rows))
+    configs = [
+        {
+            **{k: c[k] for k in ("key", "model", "sched", "batch_size", "method", "alpha")},
+            "seeds": c["seeds"],
+            "n": c["n"],
+            **{k: _stat_json(c["stats"][k]) for _, k, _ in METRICS},
+        }
+        for c in configurations(runs)
     ]
     atomic_write(
         out_dir / "compare.json",
-        json.dumps({"rows": rows, "total_wall_s": total_wall_s}, indent=2) + "\n",
+        json.dumps(
+            {"rows": rows, "configurations": configs, "total_wall_s": total_wall_s}, indent=2
+        )
+        + "\n",
     )
     plot_runs(runs, out_dir / "compare.png")
     return table + note
@@ -123,7 +237,7 @@ class CompareCallback(Callback):
         self._start = time.perf_counter()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        """Print the side-by-side table and write it, with the plot, into the sweep dir."""
+        """Print the table and write it, the per-run CSV and the plot into the sweep dir."""
         sweep_dir = Path(config.hydra.sweep.dir)
         start = getattr(self, "_start", None)
         total = time.perf_counter() - start if start is not None else None
@@ -131,16 +245,25 @@ class CompareCallback(Callback):
             [p for p in sweep_dir.iterdir() if p.is_dir()], sweep_dir, total_wall_s=total
         )
         if table:
-            print(f"\n{table}\n\nwritten: {sweep_dir}/compare.md, compare.json, compare.png")
+            print(
+                f"\n{table}\n\nwritten: {sweep_dir}/compare.md, compare.csv (one row per run), "
+                "compare.json, compare.png"
+            )
 
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: compare run directories given on the command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dirs", nargs="+")
-    parser.add_argument("--out", default=".", help="where compare.md/json/png go")
+    parser.add_argument("--out", default=".", help="where compare.md/csv/json/png go")
     args = parser.parse_args(argv)
-    print(compare_runs(args.run_dirs, args.out) or "no run with a summary.json")
+    table = compare_runs(args.run_dirs, args.out)
+    if table:
+        print(
+            f"{table}\n\nwritten: {Path(args.out)}/compare.md, compare.csv, compare.json, compare.png"
+        )
+    else:
+        print("no run with a summary.json")
 
 
 if __name__ == "__main__":

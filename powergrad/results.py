@@ -12,7 +12,9 @@ epoch's) and ``best_val_top1``; newer ones add ``val_top1_final``, ``val_top1_be
 from the epoch history), so every reader uses the new names.
 
 Seeds of one configuration are aggregated by :func:`mean_std` into a :class:`Stat`
-(mean, sample std, n), printed as ``mean ± std (n=k)`` by :func:`fmt_ms`.
+(mean, sample std, n), printed as ``mean ± std (n=k)`` by :func:`fmt_ms`. Which runs are seeds of
+one configuration: :func:`by_configuration` (the wandb job type's key, so compare's rows and the
+dashboard's groups agree).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from powergrad.tracking import METRICS_FILE, SUMMARY_FILE
+from powergrad.tracking import METRICS_FILE, SUMMARY_FILE, config_key
 
 __all__ = [
     "CONFIG_FILE",
@@ -35,7 +37,9 @@ __all__ = [
     "PAPER_YAML",
     "Stat",
     "baseline_id",
+    "by_configuration",
     "compared_test_key",
+    "configuration_key",
     "final_and_best",
     "find_runs",
     "fmt_delta",
@@ -216,6 +220,31 @@ def runs_by_experiment(runs: list[dict[str, Any]], dataset: str) -> dict[str, li
         cfg = run["config"]
         if cfg.get("experiment_name") and cfg.get("data", {}).get("name") == dataset:
             out[cfg["experiment_name"]].append(run)
+    return out
+
+
+def configuration_key(run: dict[str, Any]) -> str:
+    """The run's configuration without its seed: :func:`powergrad.tracking.config_key` of its
+    resolved config (the wandb job type of a sweep's jobs), so two runs share a key exactly when
+    they differ only in seed and run plumbing (paths, threads, logger).
+
+    A run without config.yaml (a wandb run without one, a hand-made folder) gets a key from its
+    summary's model, method, alpha, schedule, batch, label smoothing, dataset and epochs.
+    """
+    cfg = run.get("config") or {}
+    if all(k in cfg for k in ("model", "method", "sched", "trainer")):
+        return config_key(cfg)
+    s = run["summary"]
+    keys = ("model", "method", "alpha", "sched", "batch_size", "label_smoothing", "dataset")
+    return " ".join(f"{s.get(k)}" for k in (*keys, "epochs"))
+
+
+def by_configuration(runs: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The runs grouped by :func:`configuration_key` (the seeds of each configuration), in the
+    order each configuration first appears."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        out.setdefault(configuration_key(run), []).append(run)
     return out
 
 

@@ -42,13 +42,20 @@ def test_main_job_multirun_prints_and_writes_the_comparison(tmp_path):
     # Progress bar with ETA (tqdm on stderr), the wandb offline notice, then the table.
     assert "<00:" in proc.stderr and "step/s" in proc.stderr
     assert "logging offline" in proc.stdout
-    header = "| method | alpha | train top-1 % | val top-1 % | train loss | val loss | logit norm | wall s |"
+    header = (
+        "| model | sched | batch | seed | n | method | alpha | train top-1 % | val top-1 % | "
+        "train loss | val loss | logit norm | wall s |"
+    )
     assert header in proc.stdout
-    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| baseline", "| pgt"))]
-    assert len(rows) == 2 and rows[1].startswith("| pgt | 0.25 |")
+    # One row per configuration (here one seed each): model, schedule, batch, seeds, n, method.
+    rows = [
+        ln for ln in proc.stdout.splitlines() if ln.startswith("| resnet18 | cosine | 64 | 0 |")
+    ]
+    assert len(rows) == 2 and rows[1].startswith("| resnet18 | cosine | 64 | 0 | 1 | pgt | 0.25 |")
     assert (sweep / "compare.md").read_text().startswith(header)
     table = json.loads((sweep / "compare.json").read_text())
     assert [r["method"] for r in table["rows"]] == ["baseline", "pgt"]
+    assert len((sweep / "compare.csv").read_text().splitlines()) == 1 + 2  # one row per run
     assert table["total_wall_s"] > 0
     assert (sweep / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
