@@ -290,15 +290,19 @@ def _choices(value: Any, valid: tuple[str, ...] | list[str], key: str) -> None:
 def _check_data(cfg: DictConfig) -> None:
     _choices(cfg.data.name, DATASETS, "data.name")
     _choices(cfg.loader.backend, BACKENDS, "loader.backend")
-    if OmegaConf.is_missing(cfg.data, "root") or (
-        cfg.data.name == "imagenet" and not cfg.data.root
-    ):
+    # configs/data/imagenet.yaml's data.root defaults to this variable, set once per machine.
+    env_var, imagenet = "POWERGRAD_IMAGENET", cfg.data.name == "imagenet"
+    if OmegaConf.is_missing(cfg.data, "root") or (imagenet and not cfg.data.root):
+        once = f", or set {env_var}=DIR once per machine" if imagenet else ""
         raise ConfigError(
-            f"data={cfg.data.name} needs its folder: pass data.root=DIR "
+            f"data={cfg.data.name} needs its folder: pass data.root=DIR{once} "
             "(DIR/train/<class>/* and DIR/val/<class>/*)"
         )
-    if cfg.data.root and not Path(str(cfg.data.root)).expanduser().is_dir():
-        raise ConfigError(f"data.root={cfg.data.root}: no such directory")
+    root = str(cfg.data.root) if cfg.data.root else None
+    if root and not Path(root).expanduser().is_dir():
+        from_env = imagenet and os.environ.get(env_var) == root
+        source = f" (from {env_var})" if from_env else ""
+        raise ConfigError(f"data.root={root}{source}: no such directory")
 
 
 def _check_model(name: str) -> None:
