@@ -5,6 +5,10 @@ decodes each file with the torch backend's decoder (torchvision.io, PIL fallback
 fails or is not a 3-channel image of positive size. The manifest (default ROOT/bad_files.tsv,
 lines `relative/path<TAB>reason`) is read by both backends, which then skip those files, so DALI's
 reader never sees them. Also runs the layout check (missing split, empty class, class mismatch).
+Run it once per dataset copy: DALI decodes a JPEG with corrupt image data to garbage pixels
+without an error, so only this scan keeps such files out of a DALI run. A run's
+RUN_DIR/bad_files.log (files that failed during training) has the same format: appending it to
+the manifest leaves those files out at the next start.
 
 Usage: python scripts/check_dataset.py ROOT [--workers 8] [--out ROOT/bad_files.tsv]
 Exit status: 0 when no bad files were found, 1 otherwise (the manifest is written either way),

@@ -8,6 +8,7 @@ data.on_bad_file (powergrad.data.badfiles): workers report them, the main proces
 
 from __future__ import annotations
 
+import gc
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -74,7 +75,7 @@ class ImageFiles(Dataset):
         labels: Sequence[int],
         transform: v2.Transform,
         seed: int,
-        substitute: bool,
+        substitute: bool = False,
     ) -> None:
         self.files = list(files)
         self.labels = list(labels)
@@ -153,6 +154,17 @@ class Normalizer:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         images = images.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
         return images, labels.to(self.device, non_blocking=True)
+
+
+def _collect_before_fork(loader: DataLoader) -> None:
+    """Collect the parent's garbage before the first iteration forks the worker processes.
+
+    Garbage left in a forked worker is collected there, where the threads of the objects do not
+    exist: a DALI pipeline awaiting collection (e.g. from an earlier loader in the same process)
+    then deadlocks the worker in its destructor. Once per loader (persistent workers), ~ms.
+    """
+    if loader.num_workers > 0 and getattr(loader, "_iterator", None) is None:
+        gc.collect()
 
 
 def _loader_kwargs(loader: LoaderConfig, device: torch.device) -> dict:
@@ -250,6 +262,7 @@ class TorchTrainLoader:
         self.sampler.configure(epoch, start_batch)
         if start_batch == len(self):
             return
+        _collect_before_fork(self.loader)
         for images, labels, failed in self.loader:
             for path, reason in failed:
                 self.bad_log.report(path, reason, split="train", epoch=epoch)
@@ -294,6 +307,7 @@ class TorchEvalLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Every readable image of this rank's shard once (unreadable ones are left out)."""
+        _collect_before_fork(self.loader)
         for images, labels, failed in self.loader:
             for path, reason in failed:
                 self.bad_log.report(path, reason, split="val")
