@@ -115,12 +115,18 @@ def test_check_is_cached_by_listing(tiny, tmp_path):
 
 def test_manifest_files_are_skipped(tiny, tmp_path):
     """Files named by the full-scan manifest are left out even when they sniff fine."""
-    rel = str(next((tiny / "val").glob("*/*.JPEG")).relative_to(tiny))
+    rel = str(next((tiny / "train").glob("*/*.JPEG")).relative_to(tiny))
     write_bad_manifest(tiny / "bad_files.tsv", {rel: "decode failed: test"}, scanned=6)
     assert read_bad_manifest(tiny / "bad_files.tsv") == {rel: "decode failed: test"}
     with pytest.warns(UserWarning, match="decode failed: test"):
         listing = check_dataset(tiny, cache_dir=None)
-    assert rel not in {s.path for s in listing.val} and len(listing.val) == 1
+    assert rel not in {s.path for s in listing.train} and len(listing.train) == 3
+    # The class's only val image listed too: the class has no usable val image, refused.
+    val_rel = str(next((tiny / "val").glob(f"{rel.split('/')[1]}/*.JPEG")).relative_to(tiny))
+    write_bad_manifest(tiny / "bad_files.tsv", {val_rel: "decode failed: test"}, scanned=6)
+    with pytest.warns(UserWarning), pytest.raises(DatasetError, match="without a usable image"):
+        check_dataset(tiny, cache_dir=None)
+    (tiny / "bad_files.tsv").unlink()
     with pytest.raises(DatasetError, match="manifest not found"):
         check_dataset(tiny, bad_manifest=tmp_path / "missing.tsv", cache_dir=None)
 
