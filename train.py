@@ -3,69 +3,369 @@
 With no argument: ResNet-18 baseline on the embedded digits dataset, on CPU. The main job is
 ``python train.py -m method=baseline,pgt`` (one multirun over the method; a side-by-side table
 and an accuracy-vs-epoch plot land in the sweep directory). See configs/train.yaml.
+
+The run reads top to bottom: settle the run directory, build the loaders, model, optimizer,
+schedule, loss, clipper and tracker, restore a checkpoint when continuing, then the epoch loop.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 
+from powergrad import checkpoint, rundir
 from powergrad import distributed as pgdist
-from powergrad import preemption
-from powergrad.build import CONFIG_FILE, run_training
-from powergrad.checkpoint import LAST
+from powergrad.checkpoint import LAST, CheckpointError, NonFiniteError, TrainState
 from powergrad.config import ConfigError, register_configs, validate_train
-from powergrad.data import DatasetError
-from powergrad.tracking import config_key
+from powergrad.data import DatasetError, Shard, build_loaders, file_list_change
+from powergrad.diagnostics import filter_norm_record
+from powergrad.engine import (
+    AMP_DTYPES,
+    EpochMeter,
+    check_finite,
+    evaluate,
+    make_grad_scaler,
+    train_one_epoch,
+)
+from powergrad.fileio import DiskFullError
+from powergrad.method import build_clipper, build_loss, method_label, method_tags
+from powergrad.models import build_model
+from powergrad.optim import build_optimizer, build_scheduler
+from powergrad.preemption import MARKER, Preempted, PreemptionWatcher, exit_for_requeue
+from powergrad.tracking import Tracker, config_key, git_sha
 
 register_configs()
 
 
-def train(cfg: DictConfig) -> dict:
-    """Validate ``cfg``, settle the run directory and train; returns the run summary."""
-    validate_train(cfg)
-    info = pgdist.setup(cfg.trainer.device)
+def settle_run_dir(cfg: DictConfig, dist: pgdist.DistInfo) -> tuple[DictConfig, Path, bool, list]:
+    """Claim the run directory (rank 0, for the run's life) and, when continuing a run, take
+    its own config with this command's overrides; returns (cfg, run_dir, resume, changes)."""
     hydra_cfg = HydraConfig.get()
-    multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    if multirun and cfg.trainer.resume:
-        raise ConfigError("trainer.resume continues one run; run it without -m / --multirun")
-    # Rank 0's directory is the run's (other ranks only read from it); a resume continues in place.
+    # Rank 0's directory is the run's (other ranks only read from it).
     run_dir = Path(cfg.trainer.resume or pgdist.broadcast_object(hydra_cfg.runtime.output_dir))
     run_dir = run_dir.expanduser().resolve()
-    taken = info.is_main and any((run_dir / f).exists() for f in (CONFIG_FILE, LAST))
-    if not cfg.trainer.resume and pgdist.broadcast_object(taken):
-        # A job requeued after preemption starts again in its own directory (the sweep job's
-        # or the same hydra.run.dir) and continues from its checkpoint there.
-        resume = info.is_main and preemption.should_resume(run_dir, cfg.trainer.auto_resume)
-        if not pgdist.broadcast_object(resume):
-            raise ConfigError(
-                f"{run_dir} already holds a run; trainer.resume={run_dir} continues it"
+    decision: tuple[bool, str | None] = (False, None)
+    if dist.is_main:
+        try:
+            held = rundir.claim(
+                run_dir, resume=bool(cfg.trainer.resume), auto_resume=cfg.trainer.auto_resume
             )
-        print(f"resuming {run_dir} from its last checkpoint", file=sys.stderr)
-        cfg.trainer.resume = str(run_dir)
-    group = Path(hydra_cfg.sweep.dir).name if multirun else None
-    # Seeds of one configuration share the wandb job_type, so the dashboard averages them.
-    job_type = config_key(OmegaConf.to_container(cfg, resolve=True)) if multirun else None
-    return run_training(cfg, run_dir, info, group=group, job_type=job_type)
+            decision = (held.resume, None)
+        except ConfigError as e:
+            decision = (False, str(e))
+    resume, error = pgdist.broadcast_object(decision)  # every rank raises the same error
+    if error:
+        raise ConfigError(error)
+    changes: list[str] = []
+    if (cfg.trainer.resume or resume) and (run_dir / rundir.CONFIG_FILE).exists():
+        saved = OmegaConf.load(run_dir / rundir.CONFIG_FILE)
+        cfg, changes = rundir.resume_config(
+            cfg, saved, list(hydra_cfg.overrides.task), allow_changes=cfg.trainer.allow_changes
+        )
+        validate_train(cfg)
+    if dist.is_main:
+        rundir.write_provenance(run_dir, cfg, resume=resume)
+    return cfg, run_dir, resume, changes
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Validate ``cfg``, settle the run directory and train; returns the run summary."""
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    if multirun and cfg.trainer.resume:
+        raise ConfigError("trainer.resume continues one run; run it without -m / --multirun")
+    validate_train(cfg)
+    dist = pgdist.setup(cfg.trainer.device)
+    cfg, run_dir, resume, changes = settle_run_dir(cfg, dist)
+    t, device = cfg.trainer, dist.device
+    checkpoint.configure_runtime(t.threads, t.deterministic)
+    checkpoint.seed_everything(cfg.seed)
+    ckpt = checkpoint.load(run_dir / LAST) if resume else None
+
+    # Data first: a bad dataset folder fails in seconds, before any model is built.
+    shard = Shard(
+        batch_size=t.batch_size // dist.world_size,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        device=device,
+        seed=cfg.seed,
+    )
+    loaders = build_loaders(
+        OmegaConf.to_object(cfg.data), OmegaConf.to_object(cfg.loader), shard, run_dir=run_dir
+    )
+    if ckpt and (change := file_list_change(ckpt.get("file_list"), loaders.file_list_digest())):
+        print(f"warning: {change}", file=sys.stderr)
+    model = build_model(
+        cfg.model.name,
+        loaders.num_classes,
+        drop_rate=cfg.model.drop_rate,
+        zero_init_last=cfg.model.zero_init_last,
+    )
+    model = model.to(device, memory_format=torch.channels_last if t.channels_last else None)
+    if dist.rank:
+        # Own random streams per rank from here on (dropout masks, ...); the weights above were
+        # drawn with cfg.seed on every rank (DDP broadcasts rank 0's anyway).
+        checkpoint.seed_everything(cfg.seed, rank=dist.rank)
+    scaler = make_grad_scaler(device, t.precision, skip_nonfinite_steps=t.skip_nonfinite_steps)
+    optimizer = build_optimizer(
+        model,
+        global_batch=t.batch_size,
+        lr_per_256=cfg.optim.lr_per_256,
+        peak=cfg.optim.peak_lr,
+        momentum=cfg.optim.momentum,
+        weight_decay=cfg.optim.weight_decay,
+        nesterov=cfg.optim.nesterov,
+        fused=not scaler.is_enabled(),  # fused SGD mishandles skipped steps (build_optimizer)
+    )
+    scheduler = build_scheduler(
+        optimizer,
+        cfg.sched,
+        epochs=t.epochs,
+        warmup_epochs=t.warmup_epochs,
+        iters_per_epoch=len(loaders.train),
+    )
+    loss_fn = build_loss(cfg.method)
+    clip = build_clipper(cfg.method, model)
+    amp_dtype = AMP_DTYPES[t.precision]
+    net = model
+    if dist.distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if t.compile:
+        net = torch.compile(net)
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    sha = git_sha()
+    file_list = loaders.file_list_digest()  # in every checkpoint: a resume says if it changed
+    tracker = Tracker(
+        run_dir,
+        config,
+        cfg.logger,
+        tags=[f"model:{cfg.model.name}", *method_tags(cfg.method), f"sched:{cfg.sched.name}"],
+        group=cfg.experiment_name or (Path(HydraConfig.get().sweep.dir).name if multirun else None),
+        # Seeds of one configuration share the wandb job_type, so the dashboard averages them.
+        job_type=config_key(config) if multirun else None,
+        run_id=ckpt["wandb_id"] if ckpt else None,
+        enabled=dist.is_main,
+        git_sha=sha,
+    )
+    meter = EpochMeter(device)
+    state = TrainState()
+    if ckpt:
+        state = checkpoint.restore(
+            ckpt,
+            model=model,
+            optimizer=optimizer,
+            scaler=scaler,
+            scheduler=scheduler,
+            meter=meter,
+            loader=loaders.train,
+        )
+        if changes:  # opted in with trainer.allow_changes: on record in wandb and metrics.jsonl
+            print(f"continuing with changed settings: {'; '.join(changes)}", file=sys.stderr)
+            tracker.record_changes(state.step, changes)
+
+    def save(best: bool = False) -> None:
+        checkpoint.save(
+            run_dir,
+            model=net,
+            optimizer=optimizer,
+            scaler=scaler,
+            scheduler=scheduler,
+            state=state,
+            meters=meter.reduced_state(),
+            loader_state=loaders.train.state_dict(),
+            config=config,
+            wandb_id=tracker.run_id,
+            git_sha=sha,
+            file_list=file_list,
+            best=best,
+        )
+
+    label = method_label(cfg.method.alpha, cfg.method.clip_mode, cfg.method.impl)
+    steps_per_epoch = len(loaders.train)
+    progress = None
+    if t.progress and dist.is_main:
+        progress = tqdm(
+            total=t.epochs * steps_per_epoch,
+            initial=state.step,
+            unit="step",
+            dynamic_ncols=True,
+            desc=label if cfg.method.alpha is None else f"{label} a={cfg.method.alpha:g}",
+        )
+    tracker.write_history(state.history)
+    tracker.truncate_filter_norms(state.step)
+    try:
+        with PreemptionWatcher(dist, t.preempt_check_every_steps) as watcher:
+            while state.epoch < t.epochs:
+                epoch_start, images_before = time.perf_counter(), meter.images()
+                for loss in train_one_epoch(
+                    net,
+                    loaders.train,
+                    loss_fn,
+                    optimizer,
+                    scaler,
+                    scheduler,
+                    clip,
+                    meter,
+                    state,
+                    amp_dtype=amp_dtype,
+                    channels_last=t.channels_last,
+                ):
+                    if progress is not None:
+                        progress.update(1)
+                    if state.step % t.log_every_steps == 0:
+                        check_finite(meter, state, skipped_by_scaler=scaler.is_enabled())
+                        lr = optimizer.param_groups[0]["lr"]
+                        tracker.log_step(state.step, {"loss": loss.item(), "lr": lr})
+                    every = t.filter_norms_every_steps
+                    if every and state.step % every == 0 and dist.is_main:
+                        record = filter_norm_record(model)
+                        tracker.log_filter_norms(
+                            {"step": state.step, "epoch": state.epoch, **record}
+                        )
+                    if t.checkpoint_every_steps and state.step % t.checkpoint_every_steps == 0:
+                        save()
+                    if watcher.should_stop(state.step):
+                        save()
+                        watcher.stop(run_dir, state.step)  # raises Preempted
+
+                check_finite(meter, state, skipped_by_scaler=scaler.is_enabled())
+                train = meter.compute()
+                if train["nonfinite_losses"] >= steps_per_epoch * dist.world_size:
+                    # fp16: the scaler skipped every step of the epoch; the weights are bad.
+                    raise NonFiniteError(f"every loss of epoch {state.epoch + 1} was non-finite")
+                train_s = time.perf_counter() - epoch_start
+                val = None
+                if state.epoch + 1 == t.epochs or (state.epoch + 1) % t.eval_every_epochs == 0:
+                    val = evaluate(
+                        net,
+                        loaders.val,
+                        device=device,
+                        amp_dtype=amp_dtype,
+                        channels_last=t.channels_last,
+                    )
+                record = {
+                    "epoch": state.epoch + 1,
+                    "step": state.step,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    **train,
+                    **({f"val_{k}": v for k, v in val.items()} if val else {}),
+                    "images_per_s": (train["train_images"] - images_before) / max(train_s, 1e-9),
+                    "epoch_s": time.perf_counter() - epoch_start,
+                }
+                if changes:
+                    record["config_changes"] = changes
+                    changes = []
+                state.history.append(record)
+                state.nonfinite_losses += train["nonfinite_losses"]
+                improved = val is not None and val["top1"] > state.best_val_top1
+                if improved:
+                    state.best_val_top1, state.best_epoch = val["top1"], state.epoch + 1
+                state.epoch, state.batch = state.epoch + 1, 0
+                meter = EpochMeter(device)
+                tracker.log_epoch(state.history)
+                save(best=improved)
+                # A signal during evaluation: the checkpoint above is the one to resume from.
+                if state.epoch < t.epochs and watcher.should_stop(None):
+                    watcher.stop(run_dir, state.step)  # raises Preempted
+                if progress is not None:
+                    shown = {
+                        "loss": f"{train['train_loss']:.3f}",
+                        "train": f"{train['train_top1']:.1f}",
+                    }
+                    if val is not None:
+                        shown["val"] = f"{val['top1']:.1f}"
+                    progress.set_postfix(shown)
+    except NonFiniteError as e:
+        tracker.finish(exit_code=1)
+        last = run_dir / LAST
+        where = f"last good checkpoint: {last}" if last.exists() else "no checkpoint was written"
+        raise NonFiniteError(
+            f"{e} (precision={t.precision}); {where}. Lower optim.lr_per_256, clip "
+            "(method=gc / agc), or use trainer.precision=fp16 to skip such steps"
+        ) from None
+    except Preempted:
+        tracker.finish(exit_code=1, preempted=True)
+        raise
+    except BaseException:
+        tracker.finish(exit_code=1)
+        raise
+    finally:
+        if progress is not None:
+            progress.close()
+
+    summary = summarize(cfg, state, dist, loaders.train_images, tracker, sha, run_dir)
+    tracker.finish(exit_code=0)
+    if dist.is_main:
+        (run_dir / MARKER).unlink(missing_ok=True)  # finished: a later start must not resume
+    return summary
+
+
+def summarize(cfg, state, dist, train_images, tracker, sha, run_dir) -> dict[str, Any]:
+    """summary.json: what ran, the last epoch's metrics, the best epoch, provenance."""
+    final = state.history[-1] if state.history else {}
+    summary = {
+        "model": cfg.model.name,
+        "method": method_label(cfg.method.alpha, cfg.method.clip_mode, cfg.method.impl),
+        "alpha": cfg.method.alpha,
+        "sched": cfg.sched.name,
+        "label_smoothing": cfg.method.label_smoothing,
+        "clip_mode": cfg.method.clip_mode,
+        "seed": cfg.seed,
+        "dataset": cfg.data.name,
+        "batch_size": cfg.trainer.batch_size,
+        "precision": cfg.trainer.precision,
+        "world_size": dist.world_size,
+        "train_images": train_images,
+        "train_top1": final.get("train_top1"),
+        # val_top1 is the last epoch's (val_top1_final); the paper's tables report the best.
+        "val_top1": final.get("val_top1"),
+        "val_top1_final": final.get("val_top1"),
+        "val_top1_best": state.best_val_top1 if state.best_epoch else None,
+        "best_epoch": state.best_epoch or None,
+        "val_top5": final.get("val_top5"),
+        "train_loss": final.get("train_loss"),
+        "val_loss": final.get("val_loss"),
+        "logit_norm": final.get("val_logit_norm"),
+        "train_logit_norm": final.get("train_logit_norm"),
+        "best_val_top1": state.best_val_top1,
+        "epochs": state.epoch,
+        "steps": state.step,
+        "val_images": final.get("val_images"),
+        "nonfinite_losses": state.nonfinite_losses,
+        "git_sha": sha,
+        "wandb_id": tracker.run_id,
+        "wall_s": state.elapsed_s(),
+        "run_dir": str(run_dir),
+    }
+    tracker.write_summary(summary)
+    return summary
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point: one-line errors for bad configs and datasets, before any training."""
+    """Hydra entry point: one-line errors for bad configs, datasets and checkpoints."""
     try:
         return train(cfg)["val_top1"]
-    except (ConfigError, DatasetError) as e:
+    except (ConfigError, DatasetError, CheckpointError, NonFiniteError, DiskFullError) as e:
+        if pgdist.is_main():
+            # A refused start leaves nothing behind (Hydra made its directory before we ran).
+            rundir.discard_if_empty(Path(HydraConfig.get().runtime.output_dir))
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except preemption.Preempted as e:
+    except Preempted as e:
         print(f"preempted: {e}", file=sys.stderr)
         pgdist.cleanup()
-        preemption.exit_for_requeue(e)
+        exit_for_requeue(e)
     finally:
         pgdist.cleanup()
 

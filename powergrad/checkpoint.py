@@ -1,60 +1,251 @@
-"""Checkpoints that continue a run bit-for-bit, readable with ``torch.load(weights_only=True)``.
+"""The run's checkpoints: what is saved, how it is restored, and which format version it is.
 
-A checkpoint is one dict of plain containers and tensors:
+``last.pt`` (format ``powergrad-checkpoint-v1``) continues a run bit for bit. One dict of plain
+containers and tensors, readable with ``torch.load(weights_only=True)``:
 
 - ``model``: the unwrapped model's state dict (timm keys, so eval.py and timm can read it);
 - ``optimizer``, ``scaler``, ``scheduler``: their state dicts;
-- ``epoch`` / ``batch`` (next epoch and next batch within it) and ``step`` (optimizer steps);
-- ``meters``: the running sums of the unfinished epoch; ``history``: the finished epochs' records;
-- ``rng``: per rank, torch CPU / CUDA, numpy and python RNG states; ``data``: per rank, the
-  train loader's state;
-- ``config`` (resolved, plain dict), ``wandb_id``, ``git_sha``, ``best_val_top1``, ``wall_s``.
+- :class:`TrainState`'s fields: ``epoch`` / ``batch`` (next epoch, next batch in it), ``step``
+  (optimizer steps), ``best_val_top1``, ``best_epoch``, ``history``, ``wall_s``,
+  ``nonfinite_losses``;
+- ``meters``: the unfinished epoch's running sums; ``rng`` and ``data``: per rank, the RNG
+  states and the train loader's state;
+- ``world_size``, ``config`` (resolved, plain dict), ``wandb_id``, ``git_sha``, ``file_list``
+  (a digest of the dataset's file lists: a resume says when they changed).
 
-``best.pt`` (written when val top-1 improves) keeps only ``model`` and the metadata that says
-what it is (``epoch``, ``step``, ``best_val_top1``, ``history``, ``config``, ``wandb_id``,
-``git_sha``) under ``format`` ``powergrad-weights-v1``: it is for evaluation and fine-tuning
-(resuming from it is refused), and is half the size of ``last.pt``.
+``best.pt`` (format ``powergrad-weights-v1``) keeps the best epoch's ``model`` and what
+identifies it (:data:`WEIGHTS_KEYS`), half the size of ``last.pt``: it is for evaluation and
+fine-tuning, and :func:`restore` refuses it.
 
-Files are written to a temporary file in the same directory, fsynced and renamed over the
-target, so a kill at any moment leaves either the old or the new checkpoint, never a torn one.
+Both are written through :func:`powergrad.fileio.atomic_write` on rank 0, and only when every
+parameter and buffer is finite: a diverged state is never written over a good one.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
-import tempfile
+import time
+import zipfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-__all__ = ["BEST", "LAST", "atomic_save", "capture_rng", "load_checkpoint", "restore_rng"]
+from powergrad import distributed as pgdist
+from powergrad.data.sampling import STREAM_RANK, derive_seed
+from powergrad.fileio import atomic_write
+from powergrad.models import unwrap_model
+
+__all__ = [
+    "BEST",
+    "LAST",
+    "CheckpointError",
+    "NonFiniteError",
+    "TrainState",
+    "capture_rng",
+    "configure_runtime",
+    "load",
+    "nonfinite_tensors",
+    "restore",
+    "restore_rng",
+    "save",
+    "seed_everything",
+]
 
 LAST = "last.pt"
 BEST = "best.pt"
+TRAINING_FORMAT = "powergrad-checkpoint-v1"
+WEIGHTS_FORMAT = "powergrad-weights-v1"
+# What best.pt keeps besides its weights: enough to say which run and epoch they come from.
+WEIGHTS_KEYS = ("epoch", "step", "best_val_top1", "best_epoch", "history", "config")
+RUN_KEYS = ("wandb_id", "git_sha")
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temp file beside ``path``, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read, or is not what the caller needs."""
+
+
+class NonFiniteError(RuntimeError):
+    """The loss, a weight or a buffer became NaN/inf: training stops without checkpointing."""
+
+
+@dataclass
+class TrainState:
+    """Where training stands; every field goes into the checkpoint."""
+
+    epoch: int = 0  # epoch in progress (0-based)
+    batch: int = 0  # next batch of that epoch
+    step: int = 0  # optimizer steps taken (the scheduler's num_updates)
+    best_val_top1: float = float("-inf")  # percent
+    best_epoch: int = 0  # 1-based epoch of best_val_top1 (0: none yet)
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per finished epoch
+    wall_s: float = 0.0  # training wall time of earlier starts of this run, seconds
+    nonfinite_losses: int = 0  # over finished epochs (fp16: steps the scaler skipped)
+    started: float = field(default_factory=time.perf_counter, repr=False)  # this start, not saved
+
+    def elapsed_s(self) -> float:
+        """Training wall time of the run so far, over all its starts, in seconds."""
+        return self.wall_s + time.perf_counter() - self.started
+
+
+def nonfinite_tensors(model: nn.Module) -> list[str]:
+    """Names of the parameters and buffers (BN running stats included) holding NaN/inf."""
+    named = [*model.named_parameters(), *model.named_buffers()]
+    floats = [(n, t) for n, t in named if t.is_floating_point()]
+    if not floats:
+        return []
+    # One reduction and one host sync for the whole model; names only when something is bad.
+    ok = torch.stack([torch.isfinite(t.detach()).all() for _, t in floats])
+    if bool(ok.all()):
+        return []
+    return [n for (n, _), good in zip(floats, ok.tolist(), strict=True) if not good]
+
+
+def save(
+    run_dir: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    scheduler: Any,
+    state: TrainState,
+    meters: dict[str, Any],
+    loader_state: Any,
+    config: dict[str, Any],
+    wandb_id: str | None,
+    git_sha: str,
+    file_list: str | None = None,
+    best: bool = False,
+) -> None:
+    """Write ``last.pt`` (and ``best.pt`` when ``best``) on rank 0; every rank must call it.
+
+    Raises:
+        NonFiniteError: a parameter or buffer is NaN/inf (nothing is written).
+    """
+    bare = unwrap_model(model)
+    device = next(bare.parameters()).device
+    bad = pgdist.all_reduce_max(torch.tensor(float(bool(nonfinite_tensors(bare))), device=device))
+    if bool(bad):
+        names = nonfinite_tensors(bare)
+        raise NonFiniteError(
+            f"non-finite weights or buffers ({', '.join(names[:3]) or 'on another rank'}) at "
+            f"step {state.step}; not checkpointing"
+        )
+    data_states = pgdist.gather_objects(loader_state)
+    rng_states = pgdist.gather_objects(capture_rng())  # ranks draw from their own streams
+    if not pgdist.is_main():
+        return
+    fields = {k: v for k, v in asdict(state).items() if k != "started"}
+    ckpt = {
+        "format": TRAINING_FORMAT,
+        "model": bare.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        **fields,
+        "wall_s": state.elapsed_s(),
+        "meters": meters,
+        "rng": rng_states,
+        "data": data_states,
+        "world_size": len(rng_states),
+        "config": config,
+        "wandb_id": wandb_id,
+        "git_sha": git_sha,
+        "file_list": file_list,
+    }
+    atomic_write(run_dir / LAST, lambda f: torch.save(ckpt, f))
+    if best:
+        # The optimizer, RNG and loader states (half the bytes for SGD with momentum) are for
+        # continuing; evaluation and fine-tuning need the weights and what identifies them.
+        weights = {"format": WEIGHTS_FORMAT, "model": ckpt["model"]}
+        weights.update({k: ckpt[k] for k in (*WEIGHTS_KEYS, *RUN_KEYS)})
+        atomic_write(run_dir / BEST, lambda f: torch.save(weights, f))
+
+
+def load(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint on the CPU with ``weights_only=True`` (no arbitrary unpickling).
+
+    Raises:
+        CheckpointError: the file is empty, truncated or not a torch checkpoint.
+    """
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        size = Path(path).stat().st_size if Path(path).exists() else 0
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({size} bytes; empty, truncated or another "
+            f"format): {type(e).__name__}"
+        ) from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not a torch checkpoint (random or text bytes)") from None
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint on the CPU with ``weights_only=True`` (no arbitrary unpickling)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def restore(
+    ckpt: dict[str, Any],
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    scheduler: Any,
+    meter: Any,
+    loader: Any,
+) -> TrainState:
+    """Load a ``last.pt`` dict into the run's objects; returns the state to continue from.
+
+    ``meter`` gets the unfinished epoch's sums on rank 0 (other ranks start theirs at zero);
+    ``loader`` its position when the world size is unchanged (else its epoch restarts).
+    """
+    if ckpt.get("format") == WEIGHTS_FORMAT:
+        raise CheckpointError(f"a {BEST} holds weights only; resume from the run's {LAST}")
+    if ckpt.get("format") != TRAINING_FORMAT:
+        raise CheckpointError(
+            f"not a powergrad training checkpoint (format {ckpt.get('format')!r})"
+        )
+    rank = pgdist.rank()
+    unwrap_model(model).load_state_dict(ckpt["model"])
+    # The optimizer's momentum buffers come from the checkpoint, its hyper-parameters from the
+    # config (the same unless a resume changed them on purpose); the schedule is a function of
+    # the step count alone, so it follows the config's plan too.
+    configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(ckpt["optimizer"])
+    for group, values in zip(optimizer.param_groups, configured, strict=True):
+        group.update(values)
+    scaler.load_state_dict(ckpt["scaler"])
+    scheduler.step_update(num_updates=ckpt["step"])
+    if rank == 0:
+        meter.load_state_dict(ckpt["meters"])
+    if ckpt["world_size"] == pgdist.world_size():
+        loader.load_state_dict(ckpt["data"][rank])
+    rng = ckpt["rng"]
+    if isinstance(rng, list):  # one state per rank (older checkpoints: rank 0's dict)
+        rng = rng[rank] if rank < len(rng) else rng[0]
+    restore_rng(rng)
+    saved = {k: ckpt[k] for k in TrainState.__dataclass_fields__ if k in ckpt and k != "started"}
+    saved["history"] = list(saved.get("history", []))
+    return TrainState(**saved)
+
+
+def configure_runtime(threads: int | None, deterministic: bool) -> None:
+    """CPU intra-op threads (None: torch's default) and the determinism switches."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed python, numpy and torch; ranks > 0 get streams of their own derived from ``seed``
+    (rank 0 keeps ``seed``'s, so one process is unchanged by the rank count)."""
+    if rank:
+        seed = derive_seed(seed, rank, STREAM_RANK)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def capture_rng() -> dict[str, Any]:

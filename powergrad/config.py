@@ -5,7 +5,7 @@ misspelled key or a wrong type fails at start-up. :func:`validate_train` then ch
 cannot (names, ranges, consistency between groups) and raises :class:`ConfigError` with the
 override that fixes it, before any data is read or any model is built.
 
-Also registered here: the ``pg.run_dir`` / ``pg.sweep_dir`` / ``pg.output_subdir`` resolvers
+Also registered here: the ``pg.run_dir`` / ``pg.sweep_dir`` / ``pg.method_label`` resolvers
 that give every run a directory of its own (time + pid + random suffix, so two runs started in
 the same second never share one) and make ``trainer.resume=RUN_DIR`` continue in place.
 """
@@ -24,10 +24,13 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from powergrad.clip import CLIP_MODES
 from powergrad.data.config import BACKENDS, DATASETS, DataConfig, LoaderConfig
+from powergrad.method import method_label
+from powergrad.optim import SCHEDULES, milestone_epochs
+from powergrad.pgt import TRANSFORMS
 
 __all__ = [
-    "METHODS",
     "PRECISIONS",
     "ConfigError",
     "EvalConfig",
@@ -39,26 +42,19 @@ __all__ = [
     "TrainConfig",
     "TrainerConfig",
     "default_run_dir",
+    "flat",
+    "override_prefixes",
     "register_configs",
     "validate_eval",
     "validate_train",
+    "with_saved_values",
 ]
 
-# The paper's "Method" column: name -> (uses PGT, clip mode). A config whose alpha / clip_mode
-# contradict its name is refused, so a run is never labelled with a method it did not use.
-METHODS: dict[str, tuple[bool, str]] = {
-    "baseline": (False, "none"),
-    "pgt": (True, "none"),
-    "gc": (False, "norm"),
-    "agc": (False, "agc"),
-    "gc_pgt": (True, "norm"),
-    "agc_pgt": (True, "agc"),
-}
+SCHED_UPDATES = ("iteration", "fork_epoch")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 LOGGERS = ("wandb", "none")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
-SCHEDULES = ("cosine", "step")
 
 # Run directories are created under these, relative to the directory train.py is started in.
 OUTPUTS_ROOT = "outputs"
@@ -76,21 +72,34 @@ class ModelConfig:
     name: str = "resnet18"
     # Dropout before the classifier (probability); 0 in every run of the paper.
     drop_rate: float = 0.0
+    # Val resize interpolation (bilinear | bicubic): the one the authors' evaluation used for this
+    # model (their timm's default_cfg); configs/data/*.yaml take it as data.val_interpolation.
+    val_interpolation: str = "bilinear"
+    # Zero-init the last BN of each residual block (timm's default). The authors' fork never
+    # did (every BN gamma starts at 1); group ``recipe`` sets it.
+    zero_init_last: bool = True
 
 
 @dataclass
 class MethodConfig:
-    """Group ``method``: the paper's Method column (loss + gradient clipping)."""
+    """Group ``method``: the paper's Method column (loss + gradient clipping).
 
-    name: str = "baseline"
+    The method's name (baseline, pgt, gc, ...) is derived from these values by
+    :func:`powergrad.method.method_label`.
+    """
+
     # PGT exponent in [0, 1]; null means the ordinary cross-entropy gradient (alpha = 1).
     alpha: float | None = None
     # Label smoothing epsilon of the target distribution (0.1 in the paper's "LS" rows).
     label_smoothing: float = 0.0
     # Gradient clipping after unscale, before the step: none | norm (GC) | agc (AGC).
     clip_mode: str = "none"
-    # GC: max global L2 norm; AGC: clip factor lambda (ratio). null: powergrad.clip defaults.
+    # GC: max global L2 norm; AGC: clip factor lambda (ratio); unused (null) without clipping.
     clip_threshold: float | None = None
+    # The backward transform (powergrad.pgt.TRANSFORMS): exact (PGT's softmax(alpha z) - q in
+    # fp32, any loss scale) or authors_hook (the fork's tensor hook: exact only at an AMP loss
+    # scale of N^2, N the per-GPU batch; reproduces the released code bit for bit).
+    impl: str = "exact"
 
 
 @dataclass
@@ -100,6 +109,9 @@ class OptimConfig:
     name: str = "sgd"
     # Peak lr for 256 images per step; scaled linearly with trainer.batch_size (global).
     lr_per_256: float = 0.1
+    # Peak lr whatever the batch (no linear scaling), as the authors' fork ran it; null: use
+    # lr_per_256. Set by recipe=authors_code.
+    peak_lr: float | None = None
     momentum: float = 0.9
     # L2 on conv/linear weights; biases and norm parameters are exempt.
     weight_decay: float = 5e-4
@@ -108,7 +120,7 @@ class OptimConfig:
 
 @dataclass
 class SchedConfig:
-    """Group ``sched``: per-iteration lr schedule after the linear warmup."""
+    """Group ``sched``: lr schedule after the linear warmup; group ``recipe`` sets its values."""
 
     name: str = "cosine"
     # lr at the first iteration of the warmup.
@@ -116,8 +128,13 @@ class SchedConfig:
     # cosine: floor of the decay.
     min_lr: float = 0.0
     # cosine: last epochs held at min_lr after the decay (timm's --cooldown-epochs). 0 = decay over
-    # all of trainer.epochs (the paper's text); sched=cosine_cooldown is the authors' README recipe.
+    # all of trainer.epochs (recipe=paper_text); 10 in the authors' README (recipe=authors_code).
+    # The step schedule has no cooldown (as in timm's scheduler factory).
     cooldown_epochs: int = 0
+    # When the lr changes: iteration (every optimizer step, the warmup a prefix of the decay) or
+    # fork_epoch (the authors' fork: once per epoch, timm 0.4's epoch formula one epoch late:
+    # epoch e >= 1 trains with lr(e + 1), epoch 0 with warmup_lr; the warmup overlaps the decay).
+    stepping: str = "iteration"
     # step: decay points as fractions of trainer.epochs (0.3, 0.6, 0.9 = epochs 30, 60, 90 of 100).
     milestones: list[float] = field(default_factory=lambda: [0.3, 0.6, 0.9])
     # step: lr factor at each milestone.
@@ -154,6 +171,13 @@ class TrainerConfig:
     progress: bool = True
     # RUN_DIR of an earlier run to continue in place from its last checkpoint.
     resume: str | None = None
+    # With trainer.resume: apply overrides that change the experiment mid-run (model, method,
+    # data, lr, schedule, batch, epochs, ...), recorded in metrics.jsonl and the wandb run.
+    # false: such a resume is refused with the list of keys.
+    allow_changes: bool = False
+    # Skip the optimizer step when the loss or a gradient is NaN/inf and go on (as fp16's
+    # GradScaler does), counting the skipped steps, instead of stopping the run (fp32 / bf16).
+    skip_nonfinite_steps: bool = False
     # Continue in place when the run directory already holds last.pt (a SLURM --requeue after a
     # node failure); a run stopped by a preemption signal always continues (preempted.json).
     auto_resume: bool = False
@@ -211,7 +235,8 @@ class EvalConfig:
     precision: str = "fp32"
     device: str = "auto"
     channels_last: bool = False
-    # JSON written here; null: eval.json in the Hydra run directory.
+    # JSON written here (a file, or a folder for eval.json); null: eval_<name>.json beside the
+    # checkpoint.
     output: str | None = None
     seed: int = 0
 
@@ -248,20 +273,18 @@ def _resolve_run_dir(resume: str | None) -> str:
         # Only rank 0 writes; other ranks get a scratch dir and learn rank 0's run dir later.
         return os.path.join(tempfile.gettempdir(), f"powergrad-rank{_rank()}-{os.getpid()}")
     if resume:
-        path = Path(resume).expanduser()
-        if not path.is_dir():
-            raise ConfigError(f"trainer.resume={resume}: no such run directory")
-        return str(path.resolve())
+        # Hydra creates it if missing; train.py then refuses it as "not a run directory" and
+        # removes what Hydra made (a resolver error would surface as a Hydra traceback).
+        return str(Path(resume).expanduser().resolve())
     return default_run_dir(OUTPUTS_ROOT)
 
 
-def _resolve_output_subdir(resume: str | None) -> str | None:
+def _resolve_sweep_dir() -> str:
     if _rank() > 0:
-        return None
-    if resume:
-        # Keep the first start's .hydra/ and record each restart's overrides beside it.
-        return f".hydra-resume-{_unique_stamp().replace('/', '_')}"
-    return ".hydra"
+        # torchrun ... train.py -m: every rank runs Hydra's launcher, which creates the sweep
+        # folder; only rank 0's is the sweep's (each job's run dir is broadcast from rank 0).
+        return os.path.join(tempfile.gettempdir(), f"powergrad-rank{_rank()}-{os.getpid()}-sweep")
+    return default_run_dir(MULTIRUN_ROOT)
 
 
 def register_configs() -> None:
@@ -271,8 +294,8 @@ def register_configs() -> None:
     cs.store(name="eval_schema", node=EvalConfig)
     resolvers = {
         "pg.run_dir": _resolve_run_dir,
-        "pg.sweep_dir": lambda: default_run_dir(MULTIRUN_ROOT),
-        "pg.output_subdir": _resolve_output_subdir,
+        "pg.sweep_dir": _resolve_sweep_dir,
+        "pg.method_label": method_label,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
@@ -322,70 +345,70 @@ def _check_precision(precision: str, device: str) -> None:
         raise ConfigError("precision=fp16 needs CUDA; use bf16 or fp32 on the CPU")
 
 
-def check_method(method: DictConfig | MethodConfig) -> None:
-    """Raise ConfigError unless the method's alpha, smoothing and clipping match its name."""
-    name = method.name
-    if name not in METHODS:
-        raise ConfigError(f"method.name={name!r} is not valid; choose one of: {', '.join(METHODS)}")
-    uses_pgt, clip_mode = METHODS[name]
+def _check_method(method: DictConfig) -> None:
     alpha = method.alpha
     if alpha is not None and not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
         raise ConfigError(f"method.alpha={alpha} is out of range: PGT needs 0 <= alpha <= 1")
-    if uses_pgt and alpha is None:
-        raise ConfigError(f"method={name} needs method.alpha (e.g. method.alpha=0.25)")
-    if not uses_pgt and alpha is not None:
-        pgt_name = "pgt" if clip_mode == "none" else f"{name}_pgt"
-        raise ConfigError(
-            f"method={name} does not use PGT but method.alpha={alpha} is set; "
-            f"use method={pgt_name} method.alpha={alpha}"
-        )
     if not 0.0 <= method.label_smoothing < 1.0:
         raise ConfigError(f"method.label_smoothing={method.label_smoothing}: must be in [0, 1)")
-    if method.clip_mode != clip_mode:
-        raise ConfigError(
-            f"method={name} clips with clip_mode={clip_mode!r}, not {method.clip_mode!r}; "
-            "pick the method whose name matches the clipping"
-        )
+    _choices(method.clip_mode, CLIP_MODES, "method.clip_mode")
+    _choices(method.impl, tuple(TRANSFORMS), "method.impl")
+    if method.impl == "authors_hook" and alpha is None:
+        raise ConfigError("method.impl=authors_hook is PGT's hook: set method.alpha (method=pgt)")
     threshold = method.clip_threshold
-    if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
-        raise ConfigError(f"method.clip_threshold={threshold}: must be finite and > 0")
-
-
-def _check_resume(cfg: DictConfig) -> None:
-    """The run being resumed must be a powergrad run of the same model and method."""
-    run_dir = Path(str(cfg.trainer.resume)).expanduser()
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
+    if method.clip_mode != "none" and not (
+        threshold is not None and math.isfinite(threshold) and threshold > 0
+    ):
         raise ConfigError(
-            f"trainer.resume={cfg.trainer.resume}: {saved} not found; not a powergrad run directory"
+            f"method.clip_mode={method.clip_mode} needs method.clip_threshold > 0, got "
+            f"{threshold} (configs/method/gc.yaml and agc.yaml hold the usual values)"
         )
-    old = OmegaConf.load(saved)
-    old_method = OmegaConf.to_container(old.method, resolve=True)
-    new_method = OmegaConf.to_container(cfg.method, resolve=True)
-    if old.model.name != cfg.model.name or old_method != new_method:
-        raise ConfigError(
-            f"trainer.resume={cfg.trainer.resume} is a run of model={old.model.name} "
-            f"method={old_method}, but this command asks for model={cfg.model.name} "
-            f"method={new_method}; pass the run's own model= and method= overrides"
-        )
-    changed = _diff(OmegaConf.to_container(old), OmegaConf.to_container(cfg, resolve=True))
-    changed = [c for c in changed if not c.startswith(_RESUME_FREE)]
-    if changed:
-        print(f"warning: resuming {run_dir} with changed settings: {'; '.join(changed)}")
 
 
-# Keys that may differ between a run's first start and its resumption without comment.
-_RESUME_FREE = ("trainer.resume", "trainer.auto_resume", "trainer.progress", "logger.")
-
-
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """``key: old -> new`` for every leaf that differs between two nested dicts."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in sorted(set(old) | set(new)):
-            out += _diff(old.get(key), new.get(key), f"{prefix}{key}.")
+def flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as ``{"dotted.key": leaf}`` (lists are leaves)."""
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(flat(value, f"{prefix}{key}."))
         return out
-    return [] if old == new else [f"{prefix[:-1]}: {old} -> {new}"]
+    return {prefix[:-1]: node}
+
+
+def _touched(key: str, prefixes: list[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def override_prefixes(overrides: list[str]) -> list[str]:
+    """The config keys (or group names) a Hydra command line sets, e.g. ``['method', 'seed']``.
+
+    A group override (``method=pgt``) touches its whole subtree; ``experiment=...`` (a global
+    package) touches everything, returned as ``['']``.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    prefixes = []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        key = o.key_or_group.lstrip("+~")
+        prefixes.append("" if key == "experiment" else key)
+    return prefixes
+
+
+def with_saved_values(cfg: DictConfig, saved: Any, overrides: list[str]) -> DictConfig:
+    """``cfg`` with every value the command line did not set taken from ``saved`` (a run's or
+    a checkpoint's config): what a resume or an evaluation of a stored run means by default.
+
+    Keys of ``saved`` that ``cfg``'s schema does not have (an older version's) are left behind.
+    """
+    prefixes = override_prefixes(overrides)
+    if "" in prefixes:
+        return cfg.copy()
+    old = flat(OmegaConf.to_container(saved, resolve=True) if OmegaConf.is_config(saved) else saved)
+    result = cfg.copy()
+    for key in flat(OmegaConf.to_container(cfg, resolve=True)):
+        if key in old and not _touched(key, prefixes):
+            OmegaConf.update(result, key, old[key], merge=False)
+    return result
 
 
 def validate_train(cfg: DictConfig, world_size: int | None = None) -> None:
@@ -401,7 +424,7 @@ def validate_train(cfg: DictConfig, world_size: int | None = None) -> None:
         world_size = env_world()[1]
     world = world_size
     _check_model(cfg.model.name)
-    check_method(cfg.method)
+    _check_method(cfg.method)
     _check_data(cfg)
     _choices(cfg.optim.name, ("sgd",), "optim.name")
     _choices(cfg.sched.name, SCHEDULES, "sched.name")
@@ -411,7 +434,9 @@ def validate_train(cfg: DictConfig, world_size: int | None = None) -> None:
     _check_precision(t.precision, t.device)
     if t.epochs < 1:
         raise ConfigError(f"trainer.epochs={t.epochs}: must be >= 1")
-    if t.batch_size < 1 or t.batch_size % world != 0:
+    if t.batch_size < 1:
+        raise ConfigError(f"trainer.batch_size={t.batch_size}: must be >= 1 (the global batch)")
+    if t.batch_size % world != 0:
         raise ConfigError(
             f"trainer.batch_size={t.batch_size} (global) is not divisible by the world size "
             f"{world}; pick a multiple of {world}"
@@ -426,31 +451,43 @@ def validate_train(cfg: DictConfig, world_size: int | None = None) -> None:
     for key in ("log_every_steps", "eval_every_epochs", "preempt_check_every_steps"):
         if t[key] < 1:
             raise ConfigError(f"trainer.{key}={t[key]}: must be >= 1")
-    cooldown = cfg.sched.cooldown_epochs
-    if cooldown and cfg.sched.name != "cosine":
-        raise ConfigError(f"sched.cooldown_epochs={cooldown}: only the cosine schedule has one")
+    _choices(cfg.sched.stepping, SCHED_UPDATES, "sched.stepping")
+    peak = cfg.optim.peak_lr
+    if cfg.optim.lr_per_256 <= 0 or (peak is not None and not (math.isfinite(peak) and peak > 0)):
+        raise ConfigError(
+            f"optim.lr_per_256={cfg.optim.lr_per_256} / optim.peak_lr={peak}: must be > 0"
+        )
+    if not 0 <= cfg.optim.momentum < 1 or cfg.optim.weight_decay < 0:
+        raise ConfigError("optim.momentum must be in [0, 1) and optim.weight_decay >= 0")
+    s = cfg.sched
+    if s.warmup_lr < 0 or s.min_lr < 0 or not 0 < s.decay_rate < 1:
+        raise ConfigError(
+            f"sched.warmup_lr={s.warmup_lr} and sched.min_lr={s.min_lr} must be >= 0, "
+            f"sched.decay_rate={s.decay_rate} in (0, 1)"
+        )
+    cooldown = cfg.sched.cooldown_epochs if cfg.sched.name == "cosine" else 0
     if not 0 <= cooldown < t.epochs - t.warmup_epochs:
         raise ConfigError(
             f"sched.cooldown_epochs={cooldown}: must be >= 0 and leave epochs to decay after "
             f"trainer.warmup_epochs={t.warmup_epochs} within trainer.epochs={t.epochs}"
         )
     if cfg.sched.name == "step":
+        for f in cfg.sched.milestones:
+            if not 0 < f < 1:
+                raise ConfigError(f"sched.milestones: {f} is not a fraction of training in (0, 1)")
         epochs = milestone_epochs(cfg.sched.milestones, t.epochs)
+        if cfg.sched.stepping == "fork_epoch" and epochs != list(
+            range(epochs[0], epochs[0] * len(epochs) + 1, epochs[0])
+        ):
+            raise ConfigError(
+                f"sched.stepping=fork_epoch decays every k epochs (timm 0.4's step schedule): "
+                f"sched.milestones give epochs {epochs}, not multiples of the first"
+            )
         if epochs and not (t.warmup_epochs < epochs[0] and epochs[-1] < t.epochs):
             raise ConfigError(
                 f"sched.milestones={list(cfg.sched.milestones)} give epochs {epochs}, which "
                 f"must lie after the warmup ({t.warmup_epochs}) and before trainer.epochs"
             )
-    if t.resume:
-        _check_resume(cfg)
-
-
-def milestone_epochs(fractions: list[float], epochs: int) -> list[int]:
-    """Step-schedule decay epochs: ``round(f * epochs)`` for each fraction, deduplicated."""
-    for f in fractions:
-        if not 0 < f < 1:
-            raise ConfigError(f"sched.milestones: {f} is not a fraction of training in (0, 1)")
-    return sorted({round(f * epochs) for f in fractions})
 
 
 def validate_eval(cfg: DictConfig) -> None:

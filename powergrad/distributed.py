@@ -33,7 +33,9 @@ __all__ = [
     "gather_objects",
     "is_main",
     "launcher",
+    "rank",
     "setup",
+    "world_size",
 ]
 
 
@@ -131,6 +133,16 @@ def _active() -> bool:
 def is_main() -> bool:
     """True on rank 0 (or without a process group)."""
     return not _active() or dist.get_rank() == 0
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if _active() else 0
+
+
+def world_size() -> int:
+    """Number of ranks (1 without a process group)."""
+    return dist.get_world_size() if _active() else 1
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

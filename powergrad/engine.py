@@ -1,20 +1,14 @@
-"""The training loop: :func:`train_one_epoch`, :func:`evaluate`, :func:`fit`.
+"""One training epoch and one evaluation pass; train.py's epoch loop calls them.
 
 One step, one copy: autocast (bf16/fp16, or disabled for fp32) around the forward and the loss,
 ``GradScaler(enabled=precision == "fp16")`` around backward/step, gradient clipping between
-``unscale_`` and ``step``, and a per-iteration lr update. Metrics accumulate in device tensors;
-the host syncs only every ``trainer.log_every_steps`` steps, at checkpoints and at epoch ends.
-
-Non-finite losses: under fp16 the scaler skips those steps and they are counted; in fp32/bf16
-the run stops at the next sync point with :class:`NonFiniteLossError`, before any checkpoint
-with bad weights is written, so ``last.pt`` stays the last good state.
+``unscale_`` and ``step``, and a per-iteration lr update. Metrics accumulate in device tensors,
+so the step itself never waits for the device; callers sync at log points and epoch ends.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -22,20 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from powergrad import distributed as pgdist
-from powergrad.checkpoint import BEST, LAST, atomic_save, capture_rng, restore_rng
-from powergrad.diagnostics import LogitStats, filter_norm_record
-from powergrad.models import unwrap_model
+from powergrad.checkpoint import NonFiniteError, TrainState
+from powergrad.diagnostics import LogitStats
 
 __all__ = [
     "AMP_DTYPES",
     "EpochMeter",
-    "NonFiniteLossError",
-    "TrainContext",
-    "TrainState",
+    "autocast",
+    "check_finite",
     "evaluate",
-    "fit",
-    "restore",
-    "save_checkpoint",
+    "make_grad_scaler",
     "train_one_epoch",
 ]
 
@@ -44,36 +34,24 @@ AMP_DTYPES: dict[str, torch.dtype | None] = {
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
 }
-CHECKPOINT_FORMAT = "powergrad-checkpoint-v1"
-# best.pt: weights and what identifies them, under its own format so restore() refuses it.
-WEIGHTS_FORMAT = "powergrad-weights-v1"
-BEST_KEYS = (
-    "model",
-    "epoch",
-    "step",
-    "best_val_top1",
-    "history",
-    "config",
-    "wandb_id",
-    "git_sha",
-)
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf without fp16 loss scaling to skip the step."""
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype``, or a disabled one for fp32 (``dtype=None``)."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-@dataclass
-class TrainState:
-    """Where training stands; everything here goes into the checkpoint."""
-
-    epoch: int = 0  # epoch in progress (0-based)
-    batch: int = 0  # next batch of that epoch
-    step: int = 0  # optimizer steps taken (the scheduler's num_updates)
-    best_val_top1: float = float("-inf")
-    history: list[dict[str, Any]] = field(default_factory=list)
-    wall_s: float = 0.0  # training wall time of earlier starts of this run, seconds
-    nonfinite_losses: int = 0  # over finished epochs
+def make_grad_scaler(
+    device: torch.device, precision: str, *, skip_nonfinite_steps: bool = False
+) -> torch.amp.GradScaler:
+    """fp16's dynamic loss scaling; or, with ``skip_nonfinite_steps`` in fp32 / bf16, a scaler
+    whose only job is GradScaler's skip of steps with NaN/inf gradients (scale 1, halved at each
+    skip: powers of two, so the unscaled gradients are the same numbers); else disabled."""
+    if precision == "fp16":
+        return torch.amp.GradScaler(device.type)
+    return torch.amp.GradScaler(
+        device.type, init_scale=1.0, growth_interval=2**30, enabled=skip_nonfinite_steps
+    )
 
 
 class EpochMeter:
@@ -88,12 +66,14 @@ class EpochMeter:
         """Add one batch (mean-reduced ``loss``) without a host sync."""
         n = target.shape[0]
         finite = torch.isfinite(loss)
-        correct = (logits.argmax(dim=1) == target).sum()
+        # Soft targets (mixup) have no class index: count the argmax class as the label.
+        labels = target if target.ndim == 1 else target.argmax(dim=1)
+        correct = (logits.argmax(dim=1) == labels).sum()
         batch = torch.stack(
             [
                 torch.where(finite, loss.double() * n, 0.0),
                 correct.double(),
-                # Filled on the device: new_tensor(n) copies a host scalar with a blocking
+                # Filled on the device: new_tensor(n) would copy a host scalar with a blocking
                 # H2D memcpy, a host sync every step on CUDA.
                 torch.full((), n, dtype=torch.float64, device=loss.device),
                 (~finite).double(),
@@ -102,9 +82,9 @@ class EpochMeter:
         self.sums += batch
         self.logits.update(logits)
 
-    def nonfinite(self) -> int:
-        """Non-finite losses so far this epoch on this rank (host sync)."""
-        return int(self.sums[3])
+    def images(self) -> float:
+        """Images counted so far this epoch on this rank (host sync)."""
+        return float(self.sums[2])
 
     def reduced_state(self) -> dict[str, Any]:
         """Sums over all ranks as CPU tensors (a collective: every rank must call it)."""
@@ -135,129 +115,60 @@ class EpochMeter:
         return out
 
 
-@dataclass
-class TrainContext:
-    """Everything the loop needs, built by train.py.
+def check_finite(meter: EpochMeter, state: TrainState, *, skipped_by_scaler: bool) -> None:
+    """Raise :class:`NonFiniteError` once a NaN/inf loss was seen this epoch (a collective).
 
-    ``trainer`` is the ``cfg.trainer`` node; ``config`` the resolved config as a plain dict
-    (stored in every checkpoint); ``meta`` extra summary fields (model, method, alpha, ...).
+    Under fp16 (``skipped_by_scaler``) the GradScaler skipped those steps: training goes on.
     """
-
-    model: nn.Module
-    train_loader: Any
-    val_loader: Any
-    criterion: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    scaler: torch.amp.GradScaler
-    clipper: Any
-    tracker: Any
-    dist: pgdist.DistInfo
-    trainer: Any
-    run_dir: Path
-    config: dict[str, Any]
-    git_sha: str = "unknown"
-    meta: dict[str, Any] = field(default_factory=dict)
-    # powergrad.preemption.PreemptionWatcher: stop cleanly on SIGTERM / SIGUSR1 (None: never).
-    preemption: Any = None
-
-    @property
-    def amp_dtype(self) -> torch.dtype | None:
-        """Autocast dtype, None for fp32."""
-        return AMP_DTYPES[self.trainer.precision]
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-
-def _check_finite(
-    ctx: TrainContext, state: TrainState, meter: EpochMeter, *, check_weights: bool = False
-) -> None:
-    """Stop (fp32/bf16) when a non-finite loss was seen; fp16's scaler skipped those steps."""
-    if ctx.trainer.precision == "fp16":
+    if skipped_by_scaler:
         return
     bad = int(pgdist.all_reduce_sum(meter.sums[3:4].clone()).item())
-    if not bad and check_weights:
-        # A finite loss can still be followed by an update that made the weights inf/NaN.
-        total = torch.stack([p.detach().float().sum() for p in ctx.model.parameters()]).sum()
-        bad = int(not torch.isfinite(total))
     if bad:
-        raise NonFiniteLossError(
-            f"non-finite loss or weights in epoch {state.epoch + 1} by step {state.step} with "
-            f"precision={ctx.trainer.precision}; stopping. Last good checkpoint: "
-            f"{ctx.run_dir / LAST} (weights before the divergence). Lower optim.lr_per_256, "
-            "enable clipping (method=gc / agc) or use trainer.precision=fp16 to skip such steps."
+        raise NonFiniteError(
+            f"non-finite loss in epoch {state.epoch + 1} by step {state.step}; stopping"
         )
 
 
-def save_checkpoint(
-    ctx: TrainContext, state: TrainState, meter: EpochMeter, *, best: bool = False
-) -> None:
-    """Write last.pt (and best.pt) atomically on rank 0; every rank must call it."""
-    _check_finite(ctx, state, meter, check_weights=True)
-    meters = meter.reduced_state()
-    data_states = pgdist.gather_objects(ctx.train_loader.state_dict())
-    rng_states = pgdist.gather_objects(capture_rng())  # ranks draw from their own streams
-    if not ctx.dist.is_main:
-        return
-    ckpt = {
-        "format": CHECKPOINT_FORMAT,
-        "model": unwrap_model(ctx.model).state_dict(),
-        "optimizer": ctx.optimizer.state_dict(),
-        "scaler": ctx.scaler.state_dict(),
-        "scheduler": ctx.scheduler.state_dict(),
-        "epoch": state.epoch,
-        "batch": state.batch,
-        "step": state.step,
-        "best_val_top1": state.best_val_top1,
-        "history": state.history,
-        "wall_s": state.wall_s + (time.perf_counter() - ctx.meta["_start"]),
-        "nonfinite_losses": state.nonfinite_losses,
-        "meters": meters,
-        "rng": rng_states,
-        "data": data_states,
-        "world_size": ctx.dist.world_size,
-        "config": ctx.config,
-        "wandb_id": ctx.tracker.run_id,
-        "git_sha": ctx.git_sha,
-    }
-    atomic_save(ckpt, ctx.run_dir / LAST)
-    if best:
-        # best.pt is for evaluation and fine-tuning: the weights and what identifies them. The
-        # optimizer, RNG and loader states (half the bytes for SGD with momentum) live in last.pt.
-        best_ckpt = {"format": WEIGHTS_FORMAT, **{k: ckpt[k] for k in BEST_KEYS}}
-        atomic_save(best_ckpt, ctx.run_dir / BEST)
+def train_one_epoch(
+    model: nn.Module,
+    loader: Any,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    scheduler: Any,
+    clip: Callable[[], None],
+    meter: EpochMeter,
+    state: TrainState,
+    *,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+) -> Iterator[torch.Tensor]:
+    """Train from ``state.batch`` to the end of epoch ``state.epoch``, updating ``state``.
 
-
-def restore(ctx: TrainContext, ckpt: dict[str, Any], meter: EpochMeter) -> TrainState:
-    """Load a checkpoint into the context's objects and return the state to continue from."""
-    if ckpt.get("format") == WEIGHTS_FORMAT:
-        raise ValueError(f"a {BEST} holds weights only; resume from the run's {LAST}")
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"not a powergrad training checkpoint (format {ckpt.get('format')!r})")
-    unwrap_model(ctx.model).load_state_dict(ckpt["model"])
-    ctx.optimizer.load_state_dict(ckpt["optimizer"])
-    ctx.scaler.load_state_dict(ckpt["scaler"])
-    ctx.scheduler.load_state_dict(ckpt["scheduler"])
-    ctx.scheduler.step_update(num_updates=ckpt["step"])
-    if ctx.dist.is_main:
-        meter.load_state_dict(ckpt["meters"])
-    if ckpt["world_size"] == ctx.dist.world_size:
-        ctx.train_loader.load_state_dict(ckpt["data"][ctx.dist.rank])
-    rng = ckpt["rng"]
-    if isinstance(rng, list):  # one state per rank (older checkpoints: rank 0's dict)
-        rng = rng[ctx.dist.rank] if ctx.dist.rank < len(rng) else rng[0]
-    restore_rng(rng)
-    return TrainState(
-        epoch=ckpt["epoch"],
-        batch=ckpt["batch"],
-        step=ckpt["step"],
-        best_val_top1=ckpt["best_val_top1"],
-        history=list(ckpt["history"]),
-        wall_s=ckpt["wall_s"],
-        nonfinite_losses=ckpt["nonfinite_losses"],
-    )
+    A generator: it yields each step's loss (a device tensor; reading it syncs) right after
+    the step, so the caller can log, checkpoint or stop between steps.
+    """
+    device = meter.sums.device
+    model.train()
+    for images, target in loader.epoch(state.epoch, start_batch=state.batch):
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp_dtype):
+            logits = model(images)
+            # The loss in fp32 whatever the autocast dtype: PGT's softmax(alpha z) and the
+            # logged cross-entropy need fp32's range.
+            loss = loss_fn(logits.float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        clip()
+        scaler.step(optimizer)
+        scaler.update()
+        state.step += 1
+        state.batch += 1
+        scheduler.step_update(num_updates=state.step)
+        meter.update(loss.detach(), logits.detach(), target)
+        yield loss.detach()
 
 
 @torch.no_grad()
@@ -279,7 +190,7 @@ def evaluate(
     for images, target in loader:
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, amp_dtype):
+        with autocast(device, amp_dtype):
             logits = model(images)
         logits = logits.float()
         k = min(5, logits.shape[1])
@@ -302,166 +213,3 @@ def evaluate(
         "images": int(n),
         **stats.compute(),
     }
-
-
-def train_one_epoch(
-    ctx: TrainContext, state: TrainState, meter: EpochMeter, progress: Any = None
-) -> None:
-    """Train from ``state.batch`` to the end of epoch ``state.epoch``, updating ``state``.
-
-    Checkpoints every ``trainer.checkpoint_every_steps`` steps; logs step loss / lr every
-    ``trainer.log_every_steps`` steps (the only per-step host syncs).
-    """
-    t, device = ctx.trainer, ctx.dist.device
-    model, optimizer, scaler = ctx.model, ctx.optimizer, ctx.scaler
-    model.train()
-    for images, target in ctx.train_loader.epoch(state.epoch, start_batch=state.batch):
-        if t.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, ctx.amp_dtype):
-            logits = model(images)
-            loss = ctx.criterion(logits.float(), target)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        ctx.clipper()
-        scaler.step(optimizer)
-        scaler.update()
-        state.step += 1
-        state.batch += 1
-        ctx.scheduler.step_update(num_updates=state.step)
-        meter.update(loss.detach(), logits.detach(), target)
-        if progress is not None:
-            progress.update(1)
-        if state.step % t.log_every_steps == 0:
-            _check_finite(ctx, state, meter)
-            values = {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
-            ctx.tracker.log_step(state.step, values)
-            if progress is not None:
-                progress.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
-        every = t.filter_norms_every_steps
-        if every and state.step % every == 0 and ctx.dist.is_main:
-            record = filter_norm_record(model)
-            ctx.tracker.log_filter_norms({"step": state.step, "epoch": state.epoch, **record})
-        if t.checkpoint_every_steps and state.step % t.checkpoint_every_steps == 0:
-            save_checkpoint(ctx, state, meter)
-        if ctx.preemption is not None and ctx.preemption.should_stop(state.step):
-            save_checkpoint(ctx, state, meter)
-            ctx.preemption.stop(ctx.run_dir, state.step)  # raises Preempted
-
-
-def _epoch_record(
-    ctx: TrainContext, state: TrainState, train: dict[str, float], val: dict[str, float] | None
-) -> dict[str, Any]:
-    record: dict[str, Any] = {
-        "epoch": state.epoch + 1,
-        "step": state.step,
-        "lr": ctx.optimizer.param_groups[0]["lr"],
-        **train,
-    }
-    if val is not None:
-        record.update({f"val_{k}": v for k, v in val.items()})
-    return record
-
-
-def fit(ctx: TrainContext, state: TrainState, meter: EpochMeter | None = None) -> dict[str, Any]:
-    """Train until ``trainer.epochs``, evaluating, logging and checkpointing each epoch.
-
-    Args:
-        ctx: the built components.
-        state: where to start (``TrainState()`` or what :func:`restore` returned).
-        meter: the unfinished epoch's sums when resuming mid-epoch.
-
-    Returns:
-        The run summary (also written to summary.json).
-    """
-    from tqdm.auto import tqdm
-
-    t = ctx.trainer
-    ctx.meta["_start"] = time.perf_counter()
-    meter = meter or EpochMeter(ctx.dist.device)
-    steps_per_epoch = len(ctx.train_loader)
-    progress = None
-    if t.progress and ctx.dist.is_main:
-        progress = tqdm(
-            total=t.epochs * steps_per_epoch,
-            initial=state.step,
-            desc=ctx.meta.get("_label", "train"),
-            unit="step",
-            dynamic_ncols=True,
-        )
-    ctx.tracker.write_history(state.history)
-    ctx.tracker.truncate_filter_norms(state.step)
-    while state.epoch < t.epochs:
-        epoch_start, images_before = time.perf_counter(), float(meter.sums[2])
-        train_one_epoch(ctx, state, meter, progress)
-        _check_finite(ctx, state, meter)
-        train = meter.compute()
-        if train["nonfinite_losses"] >= steps_per_epoch * ctx.dist.world_size:
-            # fp16: the scaler skipped every step of the epoch; the weights themselves are bad.
-            raise NonFiniteLossError(
-                f"every loss of epoch {state.epoch + 1} was non-finite; stopping. Last good "
-                f"checkpoint: {ctx.run_dir / LAST}"
-            )
-        train_s = time.perf_counter() - epoch_start
-        last = state.epoch + 1 == t.epochs
-        val = None
-        if last or (state.epoch + 1) % t.eval_every_epochs == 0:
-            val = evaluate(
-                ctx.model,
-                ctx.val_loader,
-                device=ctx.dist.device,
-                amp_dtype=ctx.amp_dtype,
-                channels_last=t.channels_last,
-            )
-        record = _epoch_record(ctx, state, train, val)
-        record["images_per_s"] = (train["train_images"] - images_before) / max(train_s, 1e-9)
-        record["epoch_s"] = time.perf_counter() - epoch_start
-        state.history.append(record)
-        state.nonfinite_losses += train["nonfinite_losses"]
-        improved = val is not None and val["top1"] > state.best_val_top1
-        if improved:
-            state.best_val_top1 = val["top1"]
-        state.epoch += 1
-        state.batch = 0
-        meter = EpochMeter(ctx.dist.device)
-        ctx.tracker.log_epoch(state.history)
-        save_checkpoint(ctx, state, meter, best=improved)
-        # A signal during evaluation: the epoch-end checkpoint above is the one to resume from.
-        watcher = ctx.preemption
-        if watcher is not None and state.epoch < t.epochs and watcher.should_stop(None):
-            watcher.stop(ctx.run_dir, state.step)  # raises Preempted
-        if progress is not None:
-            shown = {"loss": f"{train['train_loss']:.3f}", "train": f"{train['train_top1']:.1f}"}
-            if val is not None:
-                shown["val"] = f"{val['top1']:.1f}"
-            progress.set_postfix(shown)
-    if progress is not None:
-        progress.close()
-    return summarize(ctx, state)
-
-
-def summarize(ctx: TrainContext, state: TrainState) -> dict[str, Any]:
-    """summary.json: final metrics of the last epoch plus provenance; written on rank 0."""
-    final = state.history[-1] if state.history else {}
-    summary = {
-        **{k: v for k, v in ctx.meta.items() if not k.startswith("_")},
-        "train_top1": final.get("train_top1"),
-        "val_top1": final.get("val_top1"),
-        "val_top5": final.get("val_top5"),
-        "train_loss": final.get("train_loss"),
-        "val_loss": final.get("val_loss"),
-        "logit_norm": final.get("val_logit_norm"),
-        "train_logit_norm": final.get("train_logit_norm"),
-        "best_val_top1": state.best_val_top1,
-        "epochs": state.epoch,
-        "steps": state.step,
-        "val_images": final.get("val_images"),
-        "nonfinite_losses": state.nonfinite_losses,
-        "git_sha": ctx.git_sha,
-        "wandb_id": ctx.tracker.run_id,
-        "wall_s": state.wall_s + (time.perf_counter() - ctx.meta["_start"]),
-        "run_dir": str(ctx.run_dir),
-    }
-    ctx.tracker.write_summary(summary)
-    return summary

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import IO
 __all__ = ["TEMP_SUFFIX", "DiskFullError", "atomic_write", "remove_stale_temps"]
 
 TEMP_SUFFIX = ".tmp"
+# A failed write with less free space than this (bytes) on its disk failed for lack of space.
+_FULL_BELOW = 1 << 20
 
 
 class DiskFullError(OSError):
@@ -32,9 +35,7 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(
-    path: str | os.PathLike, write: Callable[[IO[bytes]], None] | bytes | str
-) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None] | bytes | str) -> None:
     """Write ``path`` atomically.
 
     Args:
@@ -58,13 +59,26 @@ def atomic_write(
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
+        # torch.save reports a full disk as a RuntimeError of its zip writer, not as ENOSPC:
+        # look at the disk itself while the partial temp file still fills it.
+        full = getattr(e, "errno", None) == errno.ENOSPC or (
+            isinstance(e, OSError | RuntimeError) and _free_bytes(path.parent) < _FULL_BELOW
+        )
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        if full:
             raise DiskFullError(
-                errno.ENOSPC, f"no space left on the device while writing {path}; "
-                "the previous version of that file is intact"
+                errno.ENOSPC,
+                f"no space left on the device while writing {path}; "
+                "the previous version of that file is intact",
             ) from e
         raise
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return _FULL_BELOW
 
 
 def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:

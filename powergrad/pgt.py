@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,11 +29,14 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 __all__ = [
+    "TRANSFORMS",
+    "TRANSFORM_LABELS",
     "AuthorsHookCrossEntropy",
     "PowerGradCrossEntropy",
     "authors_pgt_hook",
     "pgt_cross_entropy",
     "pgt_probs",
+    "register_transform",
     "stationary_threshold",
 ]
 
@@ -370,6 +374,31 @@ class AuthorsHookCrossEntropy(nn.Module):
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, label_smoothing={self.label_smoothing}"
+
+
+# Backward transforms by name (``method.impl``): each builds the training loss from the method's
+# parameter (``method.alpha``) and label smoothing. Adding a transform is registering one here
+# (or from any module imported before the config is validated) plus a method yaml naming it.
+TRANSFORMS: dict[str, Callable[[float, float], nn.Module]] = {}
+# The method name each transform gives a run (the paper's Method column says "PGT").
+TRANSFORM_LABELS: dict[str, str] = {}
+
+
+def register_transform(name: str, label: str | None = None):
+    """Decorator: ``@register_transform("name")`` on an ``(alpha, label_smoothing) -> loss``
+    factory makes ``method.impl=name`` train with it; runs are labelled ``label`` (default:
+    ``name``)."""
+
+    def add(factory: Callable[[float, float], nn.Module]):
+        TRANSFORMS[name] = factory
+        TRANSFORM_LABELS[name] = label or name
+        return factory
+
+    return add
+
+
+register_transform("exact", label="pgt")(PowerGradCrossEntropy)
+register_transform("authors_hook", label="pgt")(AuthorsHookCrossEntropy)
 
 
 def pgt_probs(logits: torch.Tensor, alpha: float) -> torch.Tensor:

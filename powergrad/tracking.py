@@ -3,8 +3,7 @@
 Files are the ground truth (always written, on rank 0); wandb mirrors them. wandb goes offline
 by itself when no credentials are configured (WANDB_API_KEY or a ~/.netrc entry for the wandb
 host), printing one line; a resumed run reuses the run id stored in its checkpoint, so an online
-run continues as the same wandb run. :func:`read_offline_run` reads an offline run's ``.wandb``
-file back (config, history, summary, tags), without a server.
+run continues as the same wandb run.
 """
 
 from __future__ import annotations
@@ -14,14 +13,13 @@ import json
 import math
 import netrc
 import os
-import struct
 import subprocess
-import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from powergrad.fileio import atomic_write
+from powergrad.method import method_label
 
 __all__ = [
     "METRICS_FILE",
@@ -30,7 +28,7 @@ __all__ = [
     "config_key",
     "git_sha",
     "have_wandb_credentials",
-    "read_offline_run",
+    "strict_json",
     "write_json_atomic",
 ]
 
@@ -87,17 +85,18 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def strict_json(obj: Any, indent: int | None = 2) -> str:
+    """JSON that any parser reads: NaN / inf as null, tensors and numpy scalars as numbers."""
+    return json.dumps(_clean(obj), indent=indent, default=_json_default, allow_nan=False)
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any, *, lines: bool = False) -> None:
-    """Write JSON (or JSON lines when ``lines``: ``obj`` is a list) via temp file + rename."""
-    path = Path(path)
+    """Write strict JSON (or JSON lines when ``lines``: ``obj`` is a list) atomically."""
     if lines:
-        text = "".join(json.dumps(_clean(r), default=_json_default) + "\n" for r in obj)
+        text = "".join(strict_json(r, indent=None) + "\n" for r in obj)
     else:
-        text = json.dumps(_clean(obj), indent=2, default=_json_default) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+        text = strict_json(obj) + "\n"
+    atomic_write(path, text)
 
 
 class Tracker:
@@ -183,6 +182,16 @@ class Tracker:
                 {"trainer/step": step, **{f"step/{k}": v for k, v in values.items()}}
             )
 
+    def record_changes(self, step: int, changes: list[str]) -> None:
+        """A resume that changed the experiment (trainer.allow_changes): wandb config and
+        summary get the list, keyed by the step they apply from (metrics.jsonl gets it with the
+        next epoch record)."""
+        if self.wandb_run is not None:
+            self.wandb_run.config.update(
+                {f"changes_at_step_{step}": changes}, allow_val_change=True
+            )
+            self.wandb_run.summary["config_changes"] = changes
+
     def write_history(self, history: list[dict[str, Any]]) -> None:
         """Rewrite metrics.jsonl from the epoch records (after a resume it must match them)."""
         if self.enabled:
@@ -201,11 +210,8 @@ class Tracker:
         if self._sync_dir is not None:
             path = self._wandb_dir.as_posix()
             name = hashlib.sha256(path.encode()).hexdigest()[:16]
-            # Temp file + rename: the syncer never reads a half-written path.
-            fd, tmp = tempfile.mkstemp(dir=self._sync_dir, prefix=f".{name}.", suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                f.write(path)
-            os.replace(tmp, self._sync_dir / f"{name}.command")
+            # Atomic: the syncer never reads a half-written path.
+            atomic_write(self._sync_dir / f"{name}.command", path)
 
     def truncate_filter_norms(self, step: int) -> None:
         """Drop filter-norm records after optimizer step ``step`` (a resume replays them)."""
@@ -278,7 +284,7 @@ def config_key(config: dict[str, Any]) -> str:
     digest = hashlib.sha256(json.dumps(strip(config), default=str).encode()).hexdigest()[:8]
     m = config["method"]
     alpha = "" if m.get("alpha") is None else f" a={m['alpha']:g}"
-    label = f"{config['model']['name']} {m['name']}{alpha} {config['sched']['name']}"
+    label = f"{config['model']['name']} {method_label(m['alpha'], m['clip_mode'], m.get('impl', 'exact'))}{alpha} {config['sched']['name']}"
     return f"{label} b{config['trainer']['batch_size']} {digest}"[-64:]
 
 
@@ -296,93 +302,4 @@ def wandb_epoch_keys(record: dict[str, Any]) -> dict[str, Any]:
             out["train/lr"] = value
         else:
             out[f"perf/{key}"] = value
-    return out
-
-
-def _wandb_records(path: Path) -> Iterator[Any]:
-    """Protobuf records of a ``.wandb`` file: a 7-byte W&B header, then LevelDB-log blocks."""
-    from wandb.proto import wandb_internal_pb2
-
-    data = path.read_bytes()
-    ident, _magic, _version = struct.unpack("<4sHB", data[:7])
-    if ident != b":W&B":
-        raise ValueError(f"{path}: not a wandb datastore file")
-    block, header = 32768, 7  # LevelDB log: 32 KiB blocks, 7-byte record headers
-    pos, pending = 7, b""
-    while pos + header <= len(data):
-        left = block - pos % block
-        if left < header:  # block trailer padding
-            pos += left
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + header])
-        if length == 0 and kind == 0:
-            pos += left
-            continue
-        if pos + header + length > len(data):  # a record still being written
-            return
-        pending += data[pos + header : pos + header + length]
-        pos += header + length
-        if kind in (1, 4):  # FULL or LAST fragment
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            pending = b""
-            yield record
-
-
-def read_offline_run(run_dir: str | os.PathLike, *, wait_s: float = 60.0) -> dict[str, Any]:
-    """Read back what an offline wandb run under ``run_dir`` logged (the latest one).
-
-    ``run.finish()`` can return before wandb's service process has flushed the ``.wandb``
-    file, so this re-reads it for up to ``wait_s`` seconds until the run's exit record is there.
-
-    Returns:
-        ``{"id", "config", "tags", "group", "job_type", "history": [dict, ...], "summary",
-        "exit_code", "files"}``; ``files`` lists every offline run directory found (oldest
-        first), e.g. two after a resume.
-    """
-    roots = sorted(Path(run_dir).glob("wandb/offline-run-*"))
-    if not roots:
-        raise FileNotFoundError(f"no offline wandb run under {run_dir}/wandb")
-    deadline = time.monotonic() + wait_s
-    while True:
-        out = _read_store(roots)
-        if out["exit_code"] is not None or time.monotonic() > deadline:
-            return out
-        time.sleep(0.2)
-
-
-def _read_store(roots: list[Path]) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "config": {},
-        "history": [],
-        "summary": {},
-        "exit_code": None,
-        "files": [str(r) for r in roots],
-    }
-    (store,) = roots[-1].glob("run-*.wandb")
-    for record in _wandb_records(store):
-        kind = record.WhichOneof("record_type")
-        if kind == "run":
-            run = record.run
-            out.update(
-                id=run.run_id, tags=list(run.tags), group=run.run_group, job_type=run.job_type
-            )
-            for item in run.config.update:
-                out["config"][item.key] = json.loads(item.value_json)
-        elif kind == "config":
-            for item in record.config.update:
-                out["config"][item.key] = json.loads(item.value_json)
-        elif kind == "history":
-            row = {}
-            for item in record.history.item:
-                key = item.key or "/".join(item.nested_key)
-                row[key] = json.loads(item.value_json)
-            out["history"].append(row)
-        elif kind == "summary":
-            for item in record.summary.update:
-                key = item.key or "/".join(item.nested_key)
-                out["summary"][key] = json.loads(item.value_json)
-        elif kind == "exit":
-            out["exit_code"] = record.exit.exit_code
-    out["config"].pop("_wandb", None)
     return out

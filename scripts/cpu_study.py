@@ -69,6 +69,9 @@ COMMON = [
     "trainer.threads=1",
     "loader.workers=1",
     "trainer.warmup_epochs=1",
+    # fp32 has no GradScaler to skip a step whose loss overflowed (the paper's fp16 runs did):
+    # skip such steps and count them, so a transient overflow does not end the run.
+    "trainer.skip_nonfinite_steps=true",
 ]
 
 
@@ -175,7 +178,7 @@ def run_one(
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     (run_dir.parent / f"seed{seed}.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0 and "NonFiniteLossError" in proc.stderr:
+    if proc.returncode != 0 and "non-finite" in proc.stderr:
         (run_dir / DIVERGED).write_text(f"git_sha {sha}\n" + proc.stderr[-2000:])
         log(f"{point.name} seed{seed}: diverged (non-finite loss)")
         return point, seed, wall, 0

@@ -7,10 +7,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from conftest import compose_train
 from timm.utils.agc import adaptive_clip_grad
 from torch import nn
 
-from powergrad.clip import AGC_DEFAULT_CLIP_FACTOR, GC_DEFAULT_MAX_NORM, GradClipper
+from powergrad.clip import GradClipper
+from powergrad.config import ConfigError, validate_train
 from powergrad.models import build_model
 
 HEAD = ("fc.weight", "fc.bias")
@@ -48,9 +50,9 @@ def _unit_norms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x.flatten(1), dim=1).view(-1, *[1] * (x.ndim - 1))
 
 
-def test_defaults_are_the_cited_values():
-    assert AGC_DEFAULT_CLIP_FACTOR == 0.01
-    assert GC_DEFAULT_MAX_NORM == 1.0
+def test_method_files_hold_the_cited_thresholds():
+    assert compose_train("method=agc").method.clip_threshold == 0.01  # NFNets, timm's AGC
+    assert compose_train("method=gc").method.clip_threshold == 1.0  # ViT's global norm 1
 
 
 def test_none_is_a_no_op():
@@ -61,17 +63,19 @@ def test_none_is_a_no_op():
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
-@pytest.mark.parametrize("mode", ["value", "", "AGC", None])
-def test_unknown_mode_is_refused(mode):
-    with pytest.raises(ValueError, match="clip mode"):
-        GradClipper(mode, 1.0, nn.Linear(2, 2))
+# The clipper trusts its validated inputs; the config refuses bad ones at start-up.
+@pytest.mark.parametrize("mode", ["value", "AGC"])
+def test_unknown_mode_is_refused_by_the_config(mode):
+    with pytest.raises(ConfigError, match=r"method\.clip_mode"):
+        validate_train(compose_train(f"method.clip_mode={mode}"), world_size=1)
 
 
-@pytest.mark.parametrize("threshold", [0.0, -1.0, math.nan, math.inf])
-@pytest.mark.parametrize("mode", ["norm", "agc"])
-def test_bad_threshold_is_refused(mode, threshold):
-    with pytest.raises(ValueError, match="threshold"):
-        GradClipper(mode, threshold, nn.Linear(2, 2))
+@pytest.mark.parametrize("threshold", ["0.0", "-1.0", "nan", "inf", "null"])
+@pytest.mark.parametrize("method", ["gc", "agc"])
+def test_bad_threshold_is_refused_by_the_config(method, threshold):
+    cfg = compose_train(f"method={method}", f"method.clip_threshold={threshold}")
+    with pytest.raises(ConfigError, match=r"needs method\.clip_threshold > 0"):
+        validate_train(cfg, world_size=1)
 
 
 def test_gc_equals_torch_clip_grad_norm():

@@ -11,15 +11,15 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
 from powergrad.config import (
-    METHODS,
     ConfigError,
     default_run_dir,
-    milestone_epochs,
     register_configs,
     validate_eval,
     validate_train,
 )
+from powergrad.method import method_label
 from powergrad.models import MODEL_NAMES
+from powergrad.optim import milestone_epochs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -35,7 +35,8 @@ def _compose(*overrides, name="train"):
 def test_default_is_the_cpu_main_job_on_digits():
     cfg = _compose()
     validate_train(cfg, world_size=1)
-    assert (cfg.model.name, cfg.method.name, cfg.sched.name) == ("resnet18", "baseline", "cosine")
+    method = method_label(cfg.method.alpha, cfg.method.clip_mode)
+    assert (cfg.model.name, method, cfg.sched.name) == ("resnet18", "baseline", "cosine")
     assert cfg.method.alpha is None
     assert cfg.data.name == "digits" and cfg.data.image_size == 32
     assert cfg.trainer.device == "auto" and cfg.trainer.precision == "fp32"
@@ -43,14 +44,30 @@ def test_default_is_the_cpu_main_job_on_digits():
     assert OmegaConf.is_struct(cfg)
 
 
+# The paper's Method column: file name -> (uses PGT, clip mode).
+METHODS = {
+    "baseline": (False, "none"),
+    "pgt": (True, "none"),
+    "gc": (False, "norm"),
+    "agc": (False, "agc"),
+    "gc_pgt": (True, "norm"),
+    "agc_pgt": (True, "agc"),
+}
+
+
+def test_the_method_files_are_the_papers_method_column():
+    assert sorted(p.stem for p in (CONFIGS / "method").glob("*.yaml")) == sorted(METHODS)
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_composes_and_matches_its_name(method):
+def test_every_method_composes_and_its_derived_label_is_its_file_name(method):
     cfg = _compose(f"method={method}")
     validate_train(cfg, world_size=1)
     uses_pgt, clip_mode = METHODS[method]
-    assert cfg.method.name == method
+    assert method_label(cfg.method.alpha, cfg.method.clip_mode) == method
     assert (cfg.method.alpha is not None) == uses_pgt
     assert cfg.method.clip_mode == clip_mode
+    assert "name" not in cfg.method  # derived, never stored beside the values
 
 
 def test_pgt_default_alpha_is_the_papers_resnet18_value():
@@ -139,10 +156,9 @@ def test_wrong_type_fails_at_composition():
         (["model.name=vit"], "model.name='vit'"),
         (["method=pgt", "method.alpha=1.5"], "out of range"),
         (["method=pgt", "method.alpha=-0.1"], "out of range"),
-        (["method=pgt", "method.alpha=null"], "needs method.alpha"),
-        (["method.alpha=0.3"], "use method=pgt"),
-        (["method=agc", "method.alpha=0.3"], "use method=agc_pgt"),
-        (["method=gc", "method.clip_mode=agc"], "clip_mode"),
+        (["method=gc", "method.clip_mode=clip"], "method.clip_mode='clip'"),
+        (["method=pgt", "method.clip_mode=agc"], "needs method.clip_threshold"),
+        (["method=agc", "method.clip_threshold=0"], "needs method.clip_threshold"),
         (["method.label_smoothing=1.0"], "label_smoothing"),
         (["trainer.precision=fp16", "trainer.device=cpu"], "fp16 needs CUDA"),
         (["trainer.precision=fp64"], "precision='fp64'"),
@@ -168,29 +184,6 @@ def test_global_batch_must_divide_by_world_size():
         validate_train(cfg, world_size=3)
 
 
-def _fake_run(tmp_path, *overrides):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    OmegaConf.save(_compose(*overrides), run_dir / "config.yaml", resolve=False)
-    return run_dir
-
-
-def test_resume_of_another_method_or_model_is_refused(tmp_path):
-    run_dir = _fake_run(tmp_path, "method=pgt")
-    validate_train(_compose("method=pgt", f"trainer.resume={run_dir}"), world_size=1)
-    with pytest.raises(ConfigError, match="is a run of model=resnet18"):
-        validate_train(_compose(f"trainer.resume={run_dir}"), world_size=1)
-    with pytest.raises(ConfigError, match="method="):
-        validate_train(_compose("method=pgt", "method.alpha=0.3", f"trainer.resume={run_dir}"), 1)
-    with pytest.raises(ConfigError, match="model=resnet50"):
-        validate_train(_compose("method=pgt", "model=resnet50", f"trainer.resume={run_dir}"), 1)
-
-
-def test_resume_of_a_non_run_directory_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="not a powergrad run directory"):
-        validate_train(_compose(f"trainer.resume={tmp_path}"), world_size=1)
-
-
 def test_eval_config_requires_an_existing_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="checkpoint=PATH"):
         validate_eval(_compose(name="eval"))
@@ -212,12 +205,3 @@ def test_run_dirs_differ_between_processes_started_together():
     assert len(set(dirs)) == 3
     # Within one process the directory is fixed, however often Hydra resolves it.
     assert default_run_dir() == default_run_dir()
-
-
-def test_resume_with_other_settings_warns_and_names_them(tmp_path, capsys):
-    run_dir = _fake_run(tmp_path)
-    validate_train(_compose(f"trainer.resume={run_dir}", "trainer.epochs=40"), world_size=1)
-    out = capsys.readouterr().out
-    assert "warning: resuming" in out and "trainer.epochs: 30 -> 40" in out
-    validate_train(_compose(f"trainer.resume={run_dir}", "trainer.progress=false"), world_size=1)
-    assert capsys.readouterr().out == ""

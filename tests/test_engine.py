@@ -5,18 +5,21 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_train
+from conftest import compose_train, train_in_process
+from omegaconf import OmegaConf
 
-from powergrad import distributed as pgdist
-from powergrad.build import build_context, prepare_runtime
-from powergrad.checkpoint import load_checkpoint
+from powergrad import checkpoint
+from powergrad.checkpoint import CheckpointError, NonFiniteError
+from powergrad.clip import GradClipper
 from powergrad.config import register_configs
+from powergrad.data import Shard, build_loaders
 from powergrad.diagnostics import LogitStats
-from powergrad.engine import EpochMeter, NonFiniteLossError, TrainState, evaluate, fit, restore
+from powergrad.engine import evaluate, make_grad_scaler
+from powergrad.method import build_clipper, build_loss
+from powergrad.models import build_model
 from powergrad.pgt import PowerGradCrossEntropy
 
 register_configs()
-
 
 SUMMARY_KEYS = {
     "train_top1",
@@ -33,18 +36,17 @@ SUMMARY_KEYS = {
 }
 
 
-def _context(run_dir, *overrides):
-    cfg = compose_train(
-        "logger=none",
-        "loader.workers=0",
-        "trainer.progress=false",
-        "trainer.batch_size=64",
-        "trainer.threads=1",
-        *overrides,
-    )
-    prepare_runtime(cfg)
-    run_dir.mkdir(exist_ok=True)
-    return build_context(cfg, run_dir, pgdist.setup(cfg.trainer.device))
+BASE = (
+    "logger=none",
+    "loader.workers=0",
+    "trainer.progress=false",
+    "trainer.batch_size=64",
+    "trainer.threads=1",
+)
+
+
+def _train(run_dir, *overrides):
+    return train_in_process(run_dir, *BASE, *overrides)
 
 
 def test_logit_stats_match_the_closed_form():
@@ -60,13 +62,16 @@ def test_logit_stats_match_the_closed_form():
     assert out["logit_var"] == pytest.approx(z.var(unbiased=False).item(), rel=1e-9)
 
 
-def test_evaluate_sees_every_val_image_once_and_matches_a_direct_pass(tmp_path):
-    ctx = _context(tmp_path)
-    out = evaluate(ctx.model, ctx.val_loader, device=torch.device("cpu"))
+def test_evaluate_sees_every_val_image_once_and_matches_a_direct_pass():
+    cfg = compose_train(*BASE)
+    shard = Shard(batch_size=64, rank=0, world_size=1, device=torch.device("cpu"), seed=0)
+    loaders = build_loaders(OmegaConf.to_object(cfg.data), OmegaConf.to_object(cfg.loader), shard)
+    model = build_model("resnet18", loaders.num_classes)
+    out = evaluate(model, loaders.val, device=torch.device("cpu"))
     assert out["images"] == 360
-    ctx.model.eval()
+    model.eval()
     with torch.no_grad():
-        pairs = [(ctx.model(x), y) for x, y in ctx.val_loader]
+        pairs = [(model(x), y) for x, y in loaders.val]
     logits = torch.cat([p[0] for p in pairs]).double()
     target = torch.cat([p[1] for p in pairs])
     assert out["loss"] == pytest.approx(F.cross_entropy(logits, target).item(), rel=1e-6)
@@ -79,17 +84,19 @@ def test_evaluate_sees_every_val_image_once_and_matches_a_direct_pass(tmp_path):
     assert out["logit_var"] == pytest.approx(logits.var(unbiased=False).item(), rel=1e-5)
 
 
-def test_method_builds_pgt_loss_and_clipper(tmp_path):
-    ctx = _context(tmp_path, "method=agc_pgt", "method.alpha=0.5")
-    assert isinstance(ctx.criterion, PowerGradCrossEntropy) and ctx.criterion.alpha == 0.5
-    assert ctx.clipper.mode == "agc" and ctx.clipper.threshold == 0.01
-    baseline = _context(tmp_path / "b")
-    assert isinstance(baseline.criterion, torch.nn.CrossEntropyLoss)
-    assert baseline.clipper.mode == "none"
+def test_method_builds_pgt_loss_and_clipper():
+    model = build_model("resnet18", 10)
+    method = compose_train("method=agc_pgt", "method.alpha=0.5").method
+    loss, clip = build_loss(method), build_clipper(method, model)
+    assert isinstance(loss, PowerGradCrossEntropy) and loss.alpha == 0.5
+    assert isinstance(clip, GradClipper) and (clip.mode, clip.threshold) == ("agc", 0.01)
+    baseline = compose_train().method
+    assert isinstance(build_loss(baseline), torch.nn.CrossEntropyLoss)
+    assert build_clipper(baseline, model).mode == "none"
 
 
 def test_fit_learns_and_writes_records_checkpoints_and_filter_norms(tmp_path):
-    ctx = _context(
+    summary = _train(
         tmp_path,
         "method=pgt",
         "trainer.epochs=3",
@@ -97,7 +104,6 @@ def test_fit_learns_and_writes_records_checkpoints_and_filter_norms(tmp_path):
         "optim.lr_per_256=0.4",
         "trainer.filter_norms_every_steps=10",
     )
-    summary = fit(ctx, TrainState())
     assert set(summary) >= SUMMARY_KEYS
     assert json.loads((tmp_path / "summary.json").read_text())["val_top1"] == summary["val_top1"]
     history = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -113,16 +119,21 @@ def test_fit_learns_and_writes_records_checkpoints_and_filter_norms(tmp_path):
     # Per-iteration cosine schedule: the lr after the last step is ~0 (min_lr), not the peak.
     assert history[-1]["lr"] < 1e-3 < history[0]["lr"]
 
-    ckpt = load_checkpoint(tmp_path / "last.pt")
+    ckpt = checkpoint.load(tmp_path / "last.pt")
     assert (ckpt["epoch"], ckpt["batch"], ckpt["step"]) == (3, 0, 66)
     assert ckpt["config"]["method"]["alpha"] == 0.25 and ckpt["history"] == history
-    assert set(ckpt["model"]) == set(ctx.model.state_dict())
-    best = load_checkpoint(tmp_path / "best.pt")
+    assert set(ckpt["model"]) == set(build_model("resnet18", 10).state_dict())
+    best = checkpoint.load(tmp_path / "best.pt")
     assert best["best_val_top1"] == max(h["val_top1"] for h in history[: best["epoch"]])
+    assert best["best_epoch"] == best["epoch"] == summary["best_epoch"]
+    assert summary["val_top1_best"] == best["best_val_top1"]
+    assert summary["val_top1_final"] == summary["val_top1"] == history[-1]["val_top1"]
     # best.pt is the weights and their identity only; resuming state stays in last.pt.
     assert set(best["model"]) == set(ckpt["model"]) and "optimizer" not in best
-    with pytest.raises(ValueError, match="weights only; resume from the run's last"):
-        restore(ctx, best, EpochMeter(torch.device("cpu")))
+    with pytest.raises(CheckpointError, match="weights only; resume from the run's last"):
+        checkpoint.restore(
+            best, model=None, optimizer=None, scaler=None, scheduler=None, meter=None, loader=None
+        )
 
     norms = [json.loads(x) for x in (tmp_path / "filter_norms.jsonl").read_text().splitlines()]
     assert [r["step"] for r in norms] == [10, 20, 30, 40, 50, 60]
@@ -133,30 +144,29 @@ def test_fit_learns_and_writes_records_checkpoints_and_filter_norms(tmp_path):
 def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     # lr * weight_decay ~ 1e4: weights grow ~1e4-fold per step and overflow fp32 within a few
     # steps, a real divergence.
-    ctx = _context(
-        tmp_path,
-        "optim.lr_per_256=1e8",
-        "trainer.warmup_epochs=0",
-        "trainer.checkpoint_every_steps=1",
-        "trainer.log_every_steps=1",
-    )
-    with pytest.raises(NonFiniteLossError, match="Last good checkpoint"):
-        fit(ctx, TrainState())
-    ckpt = load_checkpoint(tmp_path / "last.pt")
+    with pytest.raises(NonFiniteError, match=r"last good checkpoint: .*last\.pt"):
+        _train(
+            tmp_path,
+            "optim.lr_per_256=1e8",
+            "trainer.warmup_epochs=0",
+            "trainer.checkpoint_every_steps=1",
+            "trainer.log_every_steps=1",
+        )
+    ckpt = checkpoint.load(tmp_path / "last.pt")
     assert 0 < ckpt["step"] < 22
+    # Parameters and buffers (BN running statistics) alike: nothing non-finite is written.
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert not (tmp_path / "summary.json").exists()
 
 
 def test_bf16_autocast_on_cpu_trains_one_epoch(tmp_path):
-    ctx = _context(
+    summary = _train(
         tmp_path,
         "trainer.epochs=1",
         "trainer.warmup_epochs=0",
         "trainer.precision=bf16",
         "trainer.device=cpu",
     )
-    summary = fit(ctx, TrainState())
     assert summary["val_images"] == 360 and summary["nonfinite_losses"] == 0
     assert torch.isfinite(torch.tensor(summary["train_loss"]))
 
@@ -164,7 +174,7 @@ def test_bf16_autocast_on_cpu_trains_one_epoch(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp16", "bf16", "fp32"])
 def test_cuda_precisions_with_channels_last(tmp_path, precision):
-    ctx = _context(
+    summary = _train(
         tmp_path,
         "trainer.epochs=2",
         f"trainer.precision={precision}",
@@ -172,22 +182,51 @@ def test_cuda_precisions_with_channels_last(tmp_path, precision):
         "trainer.device=cuda",
         "method=pgt",
     )
-    assert ctx.scaler.is_enabled() == (precision == "fp16")
-    summary = fit(ctx, TrainState())
     assert summary["val_images"] == 360 and summary["val_top1"] > 20
     assert summary["nonfinite_losses"] <= 2  # fp16: the scaler's first steps may overflow
 
 
 @pytest.mark.gpu
 def test_torch_compile_trains_and_checkpoints_the_bare_model(tmp_path):
-    ctx = _context(
+    summary = _train(
         tmp_path,
         "trainer.epochs=2",
         "trainer.compile=true",
         "trainer.precision=bf16",
         "trainer.device=cuda",
     )
-    summary = fit(ctx, TrainState())
     assert summary["val_top1"] > 20
-    keys = set(load_checkpoint(tmp_path / "last.pt")["model"])
+    keys = set(checkpoint.load(tmp_path / "last.pt")["model"])
     assert keys and not any(k.startswith("_orig_mod.") for k in keys)
+
+
+def test_skip_nonfinite_steps_skips_like_the_fp16_scaler_and_is_exact_otherwise():
+    assert not make_grad_scaler(torch.device("cpu"), "fp32").is_enabled()
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    base = torch.nn.Linear(8, 3).state_dict()
+
+    def fresh():
+        model = torch.nn.Linear(8, 3)
+        model.load_state_dict(base)
+        return model, torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, nesterov=True)
+
+    model, opt = fresh()
+    scaler = make_grad_scaler(torch.device("cpu"), "fp32", skip_nonfinite_steps=True)
+    for step in range(4):
+        loss = F.cross_entropy(model(x), y)
+        if step == 1:
+            loss = loss * float("nan")  # a non-finite step: skipped, optimizer state untouched
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+    # Three plain SGD steps give the same weights bit for bit: the scale is a power of two.
+    plain, plain_opt = fresh()
+    for _ in range(3):
+        plain_opt.zero_grad()
+        F.cross_entropy(plain(x), y).backward()
+        plain_opt.step()
+    for k, v in plain.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k

@@ -9,12 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_train
+from conftest import train_in_process
 
-from powergrad import distributed as pgdist
-from powergrad.build import build_context, prepare_runtime
 from powergrad.config import register_configs
-from powergrad.engine import TrainState, fit
 from powergrad.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +35,8 @@ def _eval(*args, cwd):
 def trained_run(tmp_path_factory):
     """One short real training run (1 epoch on digits): its run directory."""
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = compose_train(
+    train_in_process(
+        run_dir,
         "logger=none",
         "loader.workers=0",
         "trainer.progress=false",
@@ -48,8 +46,6 @@ def trained_run(tmp_path_factory):
         "trainer.threads=1",
         "optim.lr_per_256=0.4",
     )
-    prepare_runtime(cfg)
-    fit(build_context(cfg, run_dir, pgdist.setup("cpu")), TrainState())
     yield run_dir
     shutil.rmtree(run_dir)  # checkpoints: module-scoped dirs outlive tmp_path's cleanup
 
@@ -81,8 +77,9 @@ def test_timm_format_checkpoint_loads_weights_only(trained_run, tmp_path):
     )
     proc = _eval(f"checkpoint={timm_file}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (written,) = tmp_path.glob("outputs/*/*/eval.json")
-    result = json.loads(written.read_text())
+    # Beside the checkpoint by default, and nothing else written (no Hydra run folder).
+    result = json.loads((tmp_path / "eval_model_best.json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval_model_best.json", timm_file.name]
     summary = json.loads((trained_run / "summary.json").read_text())
     assert result["images"] == 360 and result["top1"] == pytest.approx(summary["val_top1"])
 
@@ -95,3 +92,46 @@ def test_wrong_architecture_is_named(tmp_path):
     assert "architecture mismatch" in proc.stderr
     assert "checkpoint looks like resnet18 / num_classes=10, model is resnet50" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_checkpoint_brings_its_runs_model_and_data(tmp_path):
+    # A run of another model on other data: eval.py with only checkpoint= must not build the
+    # defaults (resnet18 on digits) but what the run trained.
+    run = tmp_path / "run"
+    summary = train_in_process(
+        run,
+        "model=resnet18_nonorm",
+        "data=synthetic",
+        "data.num_classes=5",
+        "data.image_size=32",
+        "data.synthetic_train_images=16",
+        "data.synthetic_val_images=24",
+        "trainer.batch_size=8",
+        "trainer.epochs=1",
+        "trainer.warmup_epochs=0",
+        "trainer.progress=false",
+        "logger=none",
+    )
+    proc = _eval(f"checkpoint={run / 'best.pt'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((run / "eval_best.json").read_text())
+    assert (result["model"], result["dataset"], result["images"]) == (
+        "resnet18_nonorm",
+        "synthetic",
+        24,
+    )
+    assert result["top1"] == pytest.approx(summary["val_top1"])
+    # The metrics are printed too, as strict JSON.
+    printed = proc.stdout[proc.stdout.index("{") : proc.stdout.rindex("}") + 1]
+    assert json.loads(printed)["top1"] == result["top1"]
+
+
+def test_unwritable_output_fails_before_evaluating(trained_run, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    proc = _eval(
+        f"checkpoint={trained_run / 'best.pt'}", f"output={blocker}/sub/e.json", cwd=tmp_path
+    )
+    assert proc.returncode == 2
+    assert "is not a writable folder" in proc.stderr and "Traceback" not in proc.stderr
+    assert '"top1"' not in proc.stdout  # refused before any evaluation ran

@@ -10,28 +10,23 @@ multirun), so no row can rot.
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import compose_train, run_train
+from conftest import compose_train, run_train, train_in_process
 from omegaconf import OmegaConf
 
-from powergrad import distributed as pgdist
-from powergrad.build import build_context, prepare_runtime
-from powergrad.clip import AGC_DEFAULT_CLIP_FACTOR, GC_DEFAULT_MAX_NORM
-from powergrad.config import check_method, register_configs, validate_train
-from powergrad.engine import TrainState, fit
+from powergrad import results, tables
+from powergrad.config import register_configs, validate_train
+from powergrad.method import method_label
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import report  # noqa: E402
 
 register_configs()
 
-PAPER = report.load_paper(ROOT / "results" / "paper.yaml")
-ROWS = report.paper_rows(PAPER)
+PAPER = results.load_paper(ROOT / "results" / "paper.yaml")
+ROWS = results.paper_rows(PAPER)
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
 SWEEPS = sorted(p.stem for p in (ROOT / "configs" / "sweep").glob("*.yaml"))
 ALPHA_SWEEPS = [s for s in SWEEPS if s.endswith("_alpha")]
@@ -75,7 +70,7 @@ def test_experiment_composes_to_the_papers_row(experiment, tmp_path):
     for _, row in rows:
         assert cfg.model.name == row["model"]
         assert cfg.sched.name == row["sched"]
-        assert cfg.method.name == row["method"]
+        assert method_label(cfg.method.alpha, cfg.method.clip_mode) == row["method"]
         assert cfg.method.alpha == row["alpha"]
         assert cfg.method.label_smoothing == row.get("label_smoothing", 0.0)
         assert cfg.trainer.batch_size == row.get("batch", PAPER["recipe"]["global_batch"])
@@ -88,9 +83,10 @@ def test_experiment_composes_to_the_papers_row(experiment, tmp_path):
     assert cfg.trainer.precision == "fp16"
     assert (cfg.data.name, cfg.loader.backend) == ("imagenet", "dali")
     assert cfg.experiment_name == experiment
-    check_method(cfg.method)
-    # The paper states no clipping thresholds: the files pin the cited defaults of clip.py.
-    expected = {"norm": GC_DEFAULT_MAX_NORM, "agc": AGC_DEFAULT_CLIP_FACTOR, "none": None}
+    on_cpu = ("trainer.device=cpu", "trainer.precision=fp32")  # this machine has no GPU
+    validate_train(compose_train(f"experiment={experiment}", f"data.root={tmp_path}", *on_cpu), 1)
+    # The paper states no clipping thresholds: the method files hold the cited conventions.
+    expected = {"norm": 1.0, "agc": 0.01, "none": None}
     assert cfg.method.clip_threshold == expected[cfg.method.clip_mode]
     if cfg.sched.name == "step":
         assert list(cfg.sched.milestones) == [0.3, 0.6, 0.9]  # epochs 30, 60, 90 of 100
@@ -107,25 +103,25 @@ def test_experiment_header_names_row_numbers_and_cost(experiment):
             continue
         assert f"Table {table[-1]}" in header
         assert f"train {row['train']:g} / test {row['test']:g}" in header
-        assert f"~{report.gpu_hours(row['model'], 100):.0f} V100-hours" in header
+        assert f"~{tables.gpu_hours(row['model'], 100):.0f} V100-hours" in header
     assert f"experiment={experiment}" in header
 
 
 @pytest.mark.parametrize("sweep", ALPHA_SWEEPS)
 def test_alpha_sweep_composes_to_a_50_epoch_grid(sweep, tmp_path):
     cfg = compose_train(f"+sweep={sweep}", f"data.root={tmp_path}", hydra=True)
-    spec = report.SWEEPS[sweep]
+    spec = tables.SWEEPS[sweep]
     assert cfg.model.name == spec["model"]
     assert cfg.trainer.epochs == spec["epochs"] == 50
-    assert cfg.method.name == "pgt"
-    grid = report.sweep_grid(sweep)
+    assert method_label(cfg.method.alpha, cfg.method.clip_mode) == "pgt"
+    grid = tables.sweep_grid(sweep)
     assert [float(a) for a in str(cfg.hydra.sweeper.params["method.alpha"]).split(",")] == grid
     # The grid holds every alpha the paper reports and alpha 1 (the baseline).
     assert {0.05, 0.25, 0.3, 0.92, 1.0} <= set(grid)
     for alpha in grid:
-        method = OmegaConf.to_object(cfg.method)
-        method.alpha = alpha
-        check_method(method)
+        cpu = compose_train(f"+sweep={sweep}", f"data.root={tmp_path}", f"method.alpha={alpha}")
+        cpu.trainer.device, cpu.trainer.precision = "cpu", "fp32"  # no GPU on this machine
+        validate_train(cpu, world_size=1)
 
 
 def test_seeds_sweep_adds_three_seeds_to_any_row(tmp_path):
@@ -135,12 +131,8 @@ def test_seeds_sweep_adds_three_seeds_to_any_row(tmp_path):
 
 
 def _smoke_run(run_dir, *overrides):
-    cfg = compose_train(*overrides, *SMOKE)
-    validate_train(cfg, world_size=1)
-    prepare_runtime(cfg)
-    run_dir.mkdir()
-    ctx = build_context(cfg, run_dir, pgdist.setup("cpu"))
-    return cfg, ctx, fit(ctx, TrainState())
+    summary = train_in_process(run_dir, *overrides, *SMOKE)
+    return OmegaConf.load(run_dir / "config.yaml"), summary
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -148,18 +140,18 @@ def test_experiment_trains_in_smoke_mode(experiment, tmp_path):
     cfg0 = compose_train(f"experiment={experiment}", "data.root=.")
     # A step schedule's milestones (30/60/90% of the epochs) fall inside training from 5 epochs.
     epochs = 5 if cfg0.sched.name == "step" else 2
-    cfg, ctx, summary = _smoke_run(
+    cfg, summary = _smoke_run(
         tmp_path / "run", f"experiment={experiment}", f"trainer.epochs={epochs}"
     )
     assert summary["epochs"] == epochs and summary["steps"] == epochs
     assert math.isfinite(summary["train_loss"]) and math.isfinite(summary["val_loss"])
-    assert (summary["model"], summary["method"]) == (cfg0.model.name, cfg0.method.name)
+    method = method_label(cfg0.method.alpha, cfg0.method.clip_mode)
+    assert (summary["model"], summary["method"]) == (cfg0.model.name, method)
     assert summary["alpha"] == cfg0.method.alpha
     assert summary["label_smoothing"] == cfg0.method.label_smoothing
     assert summary["batch_size"] == 8 and summary["dataset"] == "synthetic"
-    assert ctx.clipper.mode == cfg0.method.clip_mode
-    if cfg0.method.clip_mode != "none":
-        assert ctx.clipper.threshold == cfg0.method.clip_threshold
+    assert summary["clip_mode"] == cfg.method.clip_mode == cfg0.method.clip_mode
+    assert cfg.method.clip_threshold == cfg0.method.clip_threshold
     assert cfg.experiment_name == experiment
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     history = [json.loads(x) for x in lines]
@@ -168,7 +160,7 @@ def test_experiment_trains_in_smoke_mode(experiment, tmp_path):
 
 @pytest.mark.parametrize("sweep", ALPHA_SWEEPS)
 def test_alpha_sweep_point_trains_in_smoke_mode(sweep, tmp_path):
-    _, _, summary = _smoke_run(
+    _, summary = _smoke_run(
         tmp_path / "run", f"+sweep={sweep}", "method.alpha=0.05", "trainer.epochs=2"
     )
     assert summary["alpha"] == 0.05 and math.isfinite(summary["train_loss"])
@@ -206,7 +198,7 @@ def test_table2_row_trains_on_digits_through_the_cli(tmp_path):
     assert summary["steps"] == 1437 // 256 and summary["val_images"] == 360
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["experiment_name"] == "t2_b256_agc_pgt"
-    assert config["method"]["clip_threshold"] == AGC_DEFAULT_CLIP_FACTOR
+    assert config["method"]["clip_threshold"] == 0.01  # configs/method/agc_pgt.yaml
     norms = [json.loads(x) for x in (run_dir / "filter_norms.jsonl").read_text().splitlines()]
     assert [r["step"] for r in norms] == [5]
     assert len(norms[0]["layers"]) == 20  # the paper's numbering of ResNet-18's convs
@@ -227,5 +219,5 @@ def test_alpha_sweep_multirun_runs_every_grid_point(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summaries = [json.loads(p.read_text()) for p in sweep_dir.glob("*/summary.json")]
-    assert sorted(s["alpha"] for s in summaries) == report.sweep_grid("resnet18_alpha")
+    assert sorted(s["alpha"] for s in summaries) == tables.sweep_grid("resnet18_alpha")
     assert all(s["epochs"] == 1 and s["model"] == "resnet18" for s in summaries)

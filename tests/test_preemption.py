@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from wandb_offline import read_offline_run
 
 from powergrad.preemption import EXIT_PREEMPTED, MARKER
-from powergrad.tracking import read_offline_run
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 1437 // 128

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from powergrad.tracking import read_offline_run
+from wandb_offline import read_offline_run
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 1437 // 64  # digits train images // global batch

@@ -4,13 +4,9 @@ import json
 
 import pytest
 from omegaconf import OmegaConf
+from wandb_offline import read_offline_run
 
-from powergrad.tracking import (
-    Tracker,
-    have_wandb_credentials,
-    read_offline_run,
-    wandb_epoch_keys,
-)
+from powergrad.tracking import Tracker, have_wandb_credentials, wandb_epoch_keys
 
 
 def _logger(**kw):

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 from conftest import run_train
+from wandb_offline import read_offline_run
 
-from powergrad.tracking import read_offline_run
+from powergrad.method import method_label
 
 ROOT = Path(__file__).resolve().parents[1]
 # The default job, shrunk to seconds: 1 epoch of 22 steps at batch 64, one CPU thread.
@@ -69,7 +70,8 @@ def test_main_job_multirun_prints_and_writes_the_comparison(tmp_path):
             f"resnet18 {summary['method']}"
         )
         assert "model:resnet18" in run["tags"] and f"method:{summary['method']}" in run["tags"]
-        assert run["config"]["method"]["name"] == summary["method"]
+        method = run["config"]["method"]
+        assert method_label(method["alpha"], method["clip_mode"]) == summary["method"]
         assert run["config"]["git_sha"] == summary["git_sha"] != "unknown"
         assert run["summary"]["val_top1"] == summary["val_top1"]
     assert "alpha:0.25" in read_offline_run(sweep / "1_pgt")["tags"]
