@@ -34,6 +34,7 @@ from powergrad.engine import (
     check_finite,
     evaluate,
     make_grad_scaler,
+    optimizer_steps,
     train_one_epoch,
 )
 from powergrad.fileio import DiskFullError
@@ -92,7 +93,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     # Data first: a bad dataset folder fails in seconds, before any model is built.
     shard = Shard(
-        batch_size=t.batch_size // dist.world_size,
+        batch_size=t.batch_size // (dist.world_size * t.accum_steps),  # loader batch per rank
         rank=dist.rank,
         world_size=dist.world_size,
         device=device,
@@ -125,12 +126,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         nesterov=cfg.optim.nesterov,
         fused=not scaler.is_enabled(),  # fused SGD mishandles skipped steps (build_optimizer)
     )
+    steps_per_epoch = optimizer_steps(len(loaders.train), t.accum_steps)
     scheduler = build_scheduler(
         optimizer,
         cfg.sched,
         epochs=t.epochs,
         warmup_epochs=t.warmup_epochs,
-        iters_per_epoch=len(loaders.train),
+        iters_per_epoch=steps_per_epoch,
     )
     loss_fn = build_loss(cfg.method)
     clip = build_clipper(cfg.method, model)
@@ -191,7 +193,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
 
     label = method_label(cfg.method.alpha, cfg.method.clip_mode, cfg.method.impl)
-    steps_per_epoch = len(loaders.train)
     progress = None
     if t.progress and dist.is_main:
         progress = tqdm(
@@ -219,6 +220,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     state,
                     amp_dtype=amp_dtype,
                     channels_last=t.channels_last,
+                    accum_steps=t.accum_steps,
                 ):
                     if progress is not None:
                         progress.update(1)
@@ -240,7 +242,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
                 check_finite(meter, state, skipped_by_scaler=scaler.is_enabled())
                 train = meter.compute()
-                if train["nonfinite_losses"] >= steps_per_epoch * dist.world_size:
+                batches = steps_per_epoch * t.accum_steps * dist.world_size
+                if train["nonfinite_losses"] >= batches:
                     # fp16: the scaler skipped every step of the epoch; the weights are bad.
                     raise NonFiniteError(f"every loss of epoch {state.epoch + 1} was non-finite")
                 train_s = time.perf_counter() - epoch_start
@@ -323,6 +326,7 @@ def summarize(cfg, state, dist, train_images, tracker, sha, run_dir) -> dict[str
         "seed": cfg.seed,
         "dataset": cfg.data.name,
         "batch_size": cfg.trainer.batch_size,
+        "accum_steps": cfg.trainer.accum_steps,
         "precision": cfg.trainer.precision,
         "world_size": dist.world_size,
         "train_images": train_images,

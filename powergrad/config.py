@@ -148,6 +148,9 @@ class TrainerConfig:
     epochs: int = 20
     # Global batch: images per optimizer step summed over all ranks.
     batch_size: int = 128
+    # Gradient accumulation: micro-batches per optimizer step. Each rank's loader batch is
+    # batch_size / (world_size * accum_steps); lr, warmup and schedule count optimizer steps.
+    accum_steps: int = 1
     # Linear warmup length in epochs (the paper: 5 of 100).
     warmup_epochs: float = 1.0
     # fp32 | bf16 (autocast) | fp16 (autocast + dynamic loss scaling).
@@ -440,6 +443,15 @@ def validate_train(cfg: DictConfig, world_size: int | None = None) -> None:
         raise ConfigError(
             f"trainer.batch_size={t.batch_size} (global) is not divisible by the world size "
             f"{world}; pick a multiple of {world}"
+        )
+    if t.accum_steps < 1:
+        raise ConfigError(f"trainer.accum_steps={t.accum_steps}: must be >= 1 (1: no accumulation)")
+    if t.batch_size % (world * t.accum_steps) != 0:
+        raise ConfigError(
+            f"trainer.batch_size={t.batch_size} (global) is not divisible by world size {world} x "
+            f"trainer.accum_steps={t.accum_steps}: each rank's loader batch is "
+            "batch_size / (world_size * accum_steps); pick a batch_size that is a multiple of "
+            f"{world * t.accum_steps}"
         )
     if not 0 <= t.warmup_epochs < t.epochs:
         raise ConfigError(

@@ -8,6 +8,7 @@ so the step itself never waits for the device; callers sync at log points and ep
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -26,6 +27,7 @@ __all__ = [
     "check_finite",
     "evaluate",
     "make_grad_scaler",
+    "optimizer_steps",
     "train_one_epoch",
 ]
 
@@ -142,33 +144,64 @@ def train_one_epoch(
     *,
     amp_dtype: torch.dtype | None,
     channels_last: bool,
+    accum_steps: int = 1,
 ) -> Iterator[torch.Tensor]:
     """Train from ``state.batch`` to the end of epoch ``state.epoch``, updating ``state``.
 
-    A generator: it yields each step's loss (a device tensor; reading it syncs) right after
-    the step, so the caller can log, checkpoint or stop between steps.
+    A generator: it yields each optimizer step's loss (the mean over its micro-batches; a
+    device tensor, reading it syncs) right after the step, so the caller can log, checkpoint
+    or stop between steps, which are always group boundaries.
+
+    Gradient accumulation: each optimizer step sums the gradients of ``accum_steps`` loader
+    batches, each loss scaled by 1 / accum_steps (the mean over the global batch, as one big
+    batch gives). Under DDP the gradients are all-reduced on a group's last micro-batch only
+    (``no_sync`` before). ``state.batch`` counts loader batches, ``state.step`` optimizer steps.
+    The epoch's last ``len(loader) % accum_steps`` batches (a partial group) are read but not
+    trained on: every optimizer step sees the full global batch, and an epoch has as many
+    steps as it has without accumulation (:func:`optimizer_steps`).
     """
     device = meter.sums.device
     model.train()
+    end = optimizer_steps(len(loader), accum_steps) * accum_steps
+    no_sync = getattr(model, "no_sync", None)  # DDP (also through torch.compile)
+    pending, loss_sum = 0, None  # micro-batches of the current group, their summed loss
     for images, target in loader.epoch(state.epoch, start_batch=state.batch):
+        if state.batch + pending >= end:
+            continue  # the partial group at the epoch's end (read to let the loader finish)
+        last = pending + 1 == accum_steps
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp_dtype):
-            logits = model(images)
-            # The loss in fp32 whatever the autocast dtype: PGT's softmax(alpha z) and the
-            # logged cross-entropy need fp32's range.
-            loss = loss_fn(logits.float(), target)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        if pending == 0:
+            optimizer.zero_grad(set_to_none=True)
+        with contextlib.nullcontext() if last or no_sync is None else no_sync():
+            with autocast(device, amp_dtype):
+                logits = model(images)
+                # The loss in fp32 whatever the autocast dtype: PGT's softmax(alpha z) and the
+                # logged cross-entropy need fp32's range.
+                loss = loss_fn(logits.float(), target)
+            scaler.scale(loss / accum_steps if accum_steps > 1 else loss).backward()
+        meter.update(loss.detach(), logits.detach(), target)
+        pending += 1
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        if not last:
+            continue
         scaler.unscale_(optimizer)
         clip()
         scaler.step(optimizer)
         scaler.update()
         state.step += 1
-        state.batch += 1
+        state.batch += accum_steps
         scheduler.step_update(num_updates=state.step)
-        meter.update(loss.detach(), logits.detach(), target)
-        yield loss.detach()
+        step_loss = loss_sum / accum_steps if accum_steps > 1 else loss_sum
+        pending, loss_sum = 0, None
+        yield step_loss
+
+
+def optimizer_steps(loader_batches: int, accum_steps: int) -> int:
+    """Optimizer steps per epoch: full groups of ``accum_steps`` loader batches (the partial
+    group at the end is dropped). With a loader batch of global / accum_steps this equals the
+    steps per epoch of the same global batch without accumulation."""
+    return loader_batches // accum_steps
 
 
 @torch.no_grad()
