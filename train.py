@@ -20,7 +20,6 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from powergrad import checkpoint, rundir
 from powergrad import distributed as pgdist
@@ -42,7 +41,7 @@ from powergrad.method import build_clipper, build_loss, method_label, method_tag
 from powergrad.models import build_model
 from powergrad.optim import build_optimizer, build_scheduler
 from powergrad.preemption import MARKER, Preempted, PreemptionWatcher, exit_for_requeue
-from powergrad.tracking import Tracker, config_key, git_sha
+from powergrad.tracking import Progress, Tracker, config_key, git_sha
 
 register_configs()
 
@@ -193,15 +192,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
 
     label = method_label(cfg.method.alpha, cfg.method.clip_mode, cfg.method.impl)
-    progress = None
-    if t.progress and dist.is_main:
-        progress = tqdm(
-            total=t.epochs * steps_per_epoch,
-            initial=state.step,
-            unit="step",
-            dynamic_ncols=True,
-            desc=label if cfg.method.alpha is None else f"{label} a={cfg.method.alpha:g}",
-        )
+    progress = Progress(
+        total=t.epochs * steps_per_epoch,
+        done=state.step,
+        epochs=t.epochs,
+        images_per_step=t.batch_size,
+        # On a terminal a bar; else (a cluster's log file) one line per log_every_steps steps.
+        bar=t.progress and sys.stderr.isatty(),
+        desc=label if cfg.method.alpha is None else f"{label} a={cfg.method.alpha:g}",
+        enabled=dist.is_main,
+    )
     tracker.write_history(state.history)
     tracker.truncate_filter_norms(state.step)
     try:
@@ -222,12 +222,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     channels_last=t.channels_last,
                     accum_steps=t.accum_steps,
                 ):
-                    if progress is not None:
-                        progress.update(1)
+                    progress.update()
                     if state.step % t.log_every_steps == 0:
                         check_finite(meter, state, skipped_by_scaler=scaler.is_enabled())
-                        lr = optimizer.param_groups[0]["lr"]
-                        tracker.log_step(state.step, {"loss": loss.item(), "lr": lr})
+                        lr, loss = optimizer.param_groups[0]["lr"], loss.item()
+                        tracker.log_step(state.step, {"loss": loss, "lr": lr})
+                        progress.log_step(state.epoch, state.step, loss, lr)
                     every = t.filter_norms_every_steps
                     if every and state.step % every == 0 and dist.is_main:
                         record = filter_norm_record(model)
@@ -276,18 +276,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 state.epoch, state.batch = state.epoch + 1, 0
                 meter = EpochMeter(device)
                 tracker.log_epoch(state.history)
+                progress.log_epoch(record)
                 save(best=improved)
                 # A signal during evaluation: the checkpoint above is the one to resume from.
                 if state.epoch < t.epochs and watcher.should_stop(None):
                     watcher.stop(run_dir, state.step)  # raises Preempted
-                if progress is not None:
-                    shown = {
-                        "loss": f"{train['train_loss']:.3f}",
-                        "train": f"{train['train_top1']:.1f}",
-                    }
-                    if val is not None:
-                        shown["val"] = f"{val['top1']:.1f}"
-                    progress.set_postfix(shown)
     except NonFiniteError as e:
         tracker.finish(exit_code=1)
         last = run_dir / LAST
@@ -303,8 +296,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         tracker.finish(exit_code=1)
         raise
     finally:
-        if progress is not None:
-            progress.close()
+        progress.close()
 
     summary = summarize(cfg, state, dist, loaders.train_images, tracker, sha, run_dir)
     tracker.finish(exit_code=0)

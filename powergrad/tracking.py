@@ -8,12 +8,16 @@ run continues as the same wandb run.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import hashlib
 import json
+import logging
 import math
 import netrc
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,6 +28,7 @@ from powergrad.method import method_label
 __all__ = [
     "METRICS_FILE",
     "SUMMARY_FILE",
+    "Progress",
     "Tracker",
     "config_key",
     "git_sha",
@@ -36,6 +41,9 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 FILTER_NORMS_FILE = "filter_norms.jsonl"
 _WANDB_HOST = "https://api.wandb.ai"
+# Step and epoch lines go through this logger: Hydra's job logging writes them to RUN_DIR/train.log
+# (and stdout).
+log = logging.getLogger("powergrad")
 
 
 def git_sha(cwd: str | os.PathLike | None = None) -> str:
@@ -97,6 +105,91 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, lines: bool = False)
     else:
         text = strict_json(obj) + "\n"
     atomic_write(path, text)
+
+
+class Progress:
+    """What a person or a cluster's log reads while the run goes (rank 0; no-op elsewhere).
+
+    On a terminal (``bar``): a tqdm bar on stderr, epoch results in its postfix. Otherwise
+    (stderr not a terminal, or trainer.progress=false): no carriage-return stream, but one
+    line per :meth:`log_step` call (epoch, step, loss, lr, images/s, ETA) through the
+    ``powergrad`` logger. Epoch lines go to the logger in both cases (the bar keeps its place:
+    console handlers write through tqdm while it is shown).
+    """
+
+    def __init__(
+        self,
+        *,
+        total: int,
+        done: int,
+        epochs: int,
+        images_per_step: int,
+        bar: bool,
+        desc: str,
+        enabled: bool = True,
+    ) -> None:
+        self.enabled, self.total, self.epochs = enabled, total, epochs
+        self.images_per_step = images_per_step
+        self.start_step, self.start = done, time.perf_counter()
+        self.last_step, self.last = done, self.start
+        self.bar = None
+        self._redirect = contextlib.ExitStack()
+        if enabled and bar:
+            from tqdm.auto import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            self.bar = tqdm(total=total, initial=done, unit="step", dynamic_ncols=True, desc=desc)
+            self._redirect.enter_context(logging_redirect_tqdm([logging.getLogger()]))
+
+    def update(self) -> None:
+        """One optimizer step done."""
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def log_step(self, epoch: int, step: int, loss: float, lr: float) -> None:
+        """One line at a log point (without a bar): throughput since the last line, ETA from
+        this start's average step rate."""
+        if not self.enabled or self.bar is not None:
+            return
+        now = time.perf_counter()
+        rate = (step - self.last_step) * self.images_per_step / max(now - self.last, 1e-9)
+        per_step = (now - self.start) / max(step - self.start_step, 1)
+        eta = datetime.timedelta(seconds=round(per_step * (self.total - step)))
+        self.last_step, self.last = step, now
+        log.info(
+            "epoch %d/%d step %d/%d loss %.4f lr %.4g images/s %.1f ETA %s",
+            epoch + 1,
+            self.epochs,
+            step,
+            self.total,
+            loss,
+            lr,
+            rate,
+            eta,
+        )
+
+    def log_epoch(self, record: dict[str, Any]) -> None:
+        """The epoch's results: a log line, and the bar's postfix."""
+        if not self.enabled:
+            return
+        shown = {"loss": f"{record['train_loss']:.3f}", "train": f"{record['train_top1']:.1f}"}
+        if record.get("val_top1") is not None:
+            shown["val"] = f"{record['val_top1']:.1f}"
+        log.info(
+            "epoch %d/%d done: step %d %s",
+            record["epoch"],
+            self.epochs,
+            record["step"],
+            " ".join(f"{k} {v}" for k, v in shown.items()),
+        )
+        if self.bar is not None:
+            self.bar.set_postfix(shown)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self._redirect.close()
 
 
 class Tracker:
