@@ -112,7 +112,8 @@ def test_a_checkpoint_brings_its_runs_model_and_data(tmp_path):
         "trainer.progress=false",
         "logger=none",
     )
-    proc = _eval(f"checkpoint={run / 'best.pt'}", cwd=tmp_path)
+    # batch_size=8 as in training: synthetic val images are one random batch of that size.
+    proc = _eval(f"checkpoint={run / 'best.pt'}", "batch_size=8", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((run / "eval_best.json").read_text())
     assert (result["model"], result["dataset"], result["images"]) == (
