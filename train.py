@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from powergrad import checkpoint, rundir
 from powergrad import distributed as pgdist
-from powergrad.checkpoint import LAST, CheckpointError, NonFiniteError, TrainState
+from powergrad.checkpoint import BEST, LAST, CheckpointError, NonFiniteError, TrainState
 from powergrad.config import ConfigError, register_configs, validate_train
 from powergrad.data import DatasetError, Shard, build_loaders, file_list_change
 from powergrad.diagnostics import filter_norm_record
@@ -41,7 +41,7 @@ from powergrad.method import build_clipper, build_loss, method_label, method_tag
 from powergrad.models import build_model
 from powergrad.optim import build_optimizer, build_scheduler
 from powergrad.preemption import MARKER, Preempted, PreemptionWatcher, exit_for_requeue
-from powergrad.tracking import Progress, Tracker, config_key, git_sha
+from powergrad.tracking import Progress, Tracker, config_key, git_sha, run_name
 
 register_configs()
 
@@ -152,8 +152,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         cfg.logger,
         tags=[f"model:{cfg.model.name}", *method_tags(cfg.method), f"sched:{cfg.sched.name}"],
         group=cfg.experiment_name or (Path(HydraConfig.get().sweep.dir).name if multirun else None),
-        # Seeds of one configuration share the wandb job_type, so the dashboard averages them.
-        job_type=config_key(config) if multirun else None,
+        # Seeds of one configuration share the wandb job_type (-m or launched one by one), so
+        # the dashboard averages them; logger.job_type wins when set.
+        job_type=config_key(config),
+        name=run_name(config),
         run_id=ckpt["wandb_id"] if ckpt else None,
         enabled=dist.is_main,
         git_sha=sha,
@@ -299,6 +301,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         progress.close()
 
     summary = summarize(cfg, state, dist, loaders.train_images, tracker, sha, run_dir)
+    if cfg.logger.log_checkpoints != "none":  # opt-in: a wandb Artifact of type "model"
+        file = run_dir / (BEST if cfg.logger.log_checkpoints == "best" else LAST)
+        tracker.log_checkpoint(file, cfg.logger.log_checkpoints, {"epoch": state.epoch, **summary})
     tracker.finish(exit_code=0)
     if dist.is_main:
         (run_dir / MARKER).unlink(missing_ok=True)  # finished: a later start must not resume

@@ -55,6 +55,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 LOGGERS = ("wandb", "none")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+LOG_CHECKPOINTS = ("none", "best", "last")
 
 # Run directories are created under these, relative to the directory train.py is started in.
 OUTPUTS_ROOT = "outputs"
@@ -199,13 +200,16 @@ class LoggerConfig:
     mode: str = "auto"
     # null: the experiment name (multirun: the sweep directory's name).
     group: str | None = None
-    # null: "train"; in a multirun the job's overrides without the seed (seeds of one
-    # configuration share it, so the dashboard can average them).
+    # null: the configuration key (tracking.config_key: the resolved config without seed and
+    # run plumbing), so seeds of one configuration share it however they are launched.
     job_type: str | None = None
     tags: list[str] = field(default_factory=list)
     # Offline runs only: wandb-osh command directory (on a filesystem the login node sees);
     # run `wandb-osh --command-dir DIR` there to sync each run after every epoch. null: off.
     sync_dir: str | None = None
+    # Upload a checkpoint as a wandb Artifact (type "model") at the end of the run:
+    # none | best (best.pt) | last (last.pt).
+    log_checkpoints: str = "none"
 
 
 @dataclass
@@ -433,6 +437,7 @@ def validate_train(cfg: DictConfig, world_size: int | None = None) -> None:
     _choices(cfg.sched.name, SCHEDULES, "sched.name")
     _choices(cfg.logger.name, LOGGERS, "logger.name")
     _choices(cfg.logger.mode, WANDB_MODES, "logger.mode")
+    _choices(cfg.logger.log_checkpoints, LOG_CHECKPOINTS, "logger.log_checkpoints")
     t = cfg.trainer
     _check_precision(t.precision, t.device)
     if t.epochs < 1:

@@ -33,6 +33,7 @@ __all__ = [
     "config_key",
     "git_sha",
     "have_wandb_credentials",
+    "run_name",
     "strict_json",
     "write_json_atomic",
 ]
@@ -201,11 +202,13 @@ class Tracker:
         logger: the ``cfg.logger`` node (name, project, entity, mode, group, job_type, tags).
         tags: extra tags (model, method, alpha, sched).
         group: wandb group when ``logger.group`` is null (experiment or sweep name).
-        job_type: wandb job type when ``logger.job_type`` is null (in a sweep: the job's
-            overrides without the seed, so the seeds of one configuration share it).
+        job_type: wandb job type when ``logger.job_type`` is null (train.py: the
+            configuration key, :func:`config_key`, so the seeds of one configuration share it
+            however they were launched: -m, torchrun, separate sbatch jobs).
         run_id: wandb run id of the run being resumed, or None for a new run.
         enabled: False on ranks other than 0.
         git_sha: the code's commit, added to the wandb config as ``git_sha``.
+        name: the wandb run's display name (:func:`run_name`); None: the run directory's name.
     """
 
     def __init__(
@@ -220,6 +223,7 @@ class Tracker:
         run_id: str | None = None,
         enabled: bool = True,
         git_sha: str | None = None,
+        name: str | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.enabled = enabled
@@ -250,7 +254,7 @@ class Tracker:
             id=run_id,
             resume="allow" if run_id else None,
             mode=mode,
-            name=self.run_dir.name,
+            name=name or self.run_dir.name,
         )
         self.run_id = self.wandb_run.id
         # wandb-osh protocol (compute nodes without internet): after each epoch, a
@@ -264,9 +268,12 @@ class Tracker:
         # Epoch records are plotted against the epoch, step records against the optimizer step.
         self.wandb_run.define_metric("epoch")
         self.wandb_run.define_metric("trainer/step")
-        for prefix in ("train", "val", "perf"):
+        for prefix in ("train", "val", "perf", "best"):
             self.wandb_run.define_metric(f"{prefix}/*", step_metric="epoch")
         self.wandb_run.define_metric("step/*", step_metric="trainer/step")
+        # The run table shows the best val top-1 while the run goes (the history keeps each
+        # epoch's); best/val_top1 and best/epoch are logged with every epoch record too.
+        self.wandb_run.define_metric("val/top1", step_metric="epoch", summary="max,last")
 
     def log_step(self, step: int, values: dict[str, float]) -> None:
         """Per-step values (wandb only), keyed ``step/<name>``."""
@@ -296,7 +303,7 @@ class Tracker:
             return
         self.write_history(history)
         if self.wandb_run is not None:
-            self.wandb_run.log(wandb_epoch_keys(history[-1]))
+            self.wandb_run.log({**wandb_epoch_keys(history[-1]), **best_so_far(history)})
             self._trigger_sync()
 
     def _trigger_sync(self) -> None:
@@ -325,8 +332,24 @@ class Tracker:
             return
         write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
         if self.wandb_run is not None:
-            for key, value in _clean(summary).items():
+            for key, value in wandb_summary_keys(_clean(summary)).items():
                 self.wandb_run.summary[key] = value
+
+    def log_checkpoint(self, path: Path, kind: str, metadata: dict[str, Any]) -> None:
+        """Upload ``path`` as a wandb Artifact of type ``model`` named ``model-<run id>``,
+        aliased ``kind`` (best | last); offline runs keep it for ``wandb sync``."""
+        if self.wandb_run is None:
+            return
+        if not path.exists():  # best.pt: no evaluation improved on -inf (NaN val top-1)
+            log.warning("logger.log_checkpoints=%s: %s does not exist; not uploaded", kind, path)
+            return
+        import wandb
+
+        artifact = wandb.Artifact(
+            f"model-{self.wandb_run.id}", type="model", metadata=_clean(metadata)
+        )
+        artifact.add_file(str(path), name=path.name)
+        self.wandb_run.log_artifact(artifact, aliases=[kind, "latest"])
 
     def finish(self, exit_code: int = 0, *, preempted: bool = False) -> None:
         """Close the wandb run (exit_code 1 marks it failed; ``preempted`` marks it preempting,
@@ -379,6 +402,54 @@ def config_key(config: dict[str, Any]) -> str:
     alpha = "" if m.get("alpha") is None else f" a={m['alpha']:g}"
     label = f"{config['model']['name']} {method_label(m['alpha'], m['clip_mode'], m.get('impl', 'exact'))}{alpha} {config['sched']['name']}"
     return f"{label} b{config['trainer']['batch_size']} {digest}"[-64:]
+
+
+def run_name(config: dict[str, Any]) -> str:
+    """The wandb run name: ``<model>-<method>[-a<alpha>]-<sched>-s<seed>``, e.g.
+    ``resnet50-pgt-a0.25-cosine-s0`` (not unique: the run directory is)."""
+    m = config["method"]
+    label = method_label(m["alpha"], m["clip_mode"], m.get("impl", "exact"))
+    alpha = "" if m.get("alpha") is None else f"-a{m['alpha']:g}"
+    return f"{config['model']['name']}-{label}{alpha}-{config['sched']['name']}-s{config['seed']}"
+
+
+def best_so_far(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """``best/val_top1`` and ``best/epoch`` over the epoch records (the first epoch reaching
+    the maximum, as the trainer's best.pt); empty before the first evaluation."""
+    scored = [r for r in history if isinstance(r.get("val_top1"), int | float)]
+    if not scored:
+        return {}
+    best = max(scored, key=lambda r: r["val_top1"])  # max keeps the first of equals
+    return {"best/val_top1": best["val_top1"], "best/epoch": best["epoch"]}
+
+
+# summary.json keys whose wandb name is not the generic ``train_x`` -> ``train/x`` one. None:
+# not copied (the wandb summary already has it: ``val/top1`` holds the max and the last epoch's
+# value, by define_metric; best_val_top1 is best/val_top1).
+_SUMMARY_NAMES: dict[str, str | None] = {
+    "val_top1": None,
+    "best_val_top1": None,
+    "val_top1_best": "best/val_top1",
+    "best_epoch": "best/epoch",
+    "logit_norm": "val/logit_norm",
+}
+
+
+def wandb_summary_keys(summary: dict[str, Any]) -> dict[str, Any]:
+    """summary.json's flat keys under the history's names (``train_top1`` -> ``train/top1``,
+    ``val_top1_final`` -> ``val/top1_final``), so the wandb summary has one name per metric;
+    what describes the run (model, method, seed, steps, ...) keeps its key."""
+    out: dict[str, Any] = {}
+    for key, value in summary.items():
+        head, _, rest = key.partition("_")
+        if key in _SUMMARY_NAMES:
+            if _SUMMARY_NAMES[key] is not None:
+                out[_SUMMARY_NAMES[key]] = value
+        elif head in ("train", "val") and rest and key != "train_images":
+            out[f"{head}/{rest}"] = value
+        else:
+            out[key] = value
+    return out
 
 
 def wandb_epoch_keys(record: dict[str, Any]) -> dict[str, Any]:

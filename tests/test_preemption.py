@@ -189,7 +189,7 @@ def test_sigterm_checkpoints_exits_and_the_run_resumes_to_the_same_result(tmp_pa
     assert len(run["files"]) == 2 and run["exit_code"] == 0
     summary = json.loads((job_dir / "summary.json").read_text())
     assert run["id"] == summary["wandb_id"]
-    assert run["summary"]["val_top1"] == summary["val_top1"]
+    assert run["summary"]["val/top1"]["last"] == summary["val_top1"]
     assert not (job_dir / MARKER).exists()
 
 

@@ -99,7 +99,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     runs = read_offline_run(broken)
     assert len(runs["files"]) == 2 and runs["id"] == b["wandb_id"]
     assert runs["exit_code"] == 0
-    assert runs["summary"]["val_top1"] == sb["val_top1"]
+    assert runs["summary"]["val/top1"]["last"] == sb["val_top1"]
     # The first start's config is kept; the restart's overrides are recorded beside it.
     assert (broken / ".hydra" / "overrides.yaml").exists()
     assert any(p.name.startswith(".hydra-resume-") for p in broken.iterdir())

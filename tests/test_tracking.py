@@ -6,7 +6,14 @@ import pytest
 from omegaconf import OmegaConf
 from wandb_offline import read_offline_run
 
-from powergrad.tracking import Tracker, have_wandb_credentials, wandb_epoch_keys
+from powergrad.tracking import (
+    Tracker,
+    best_so_far,
+    have_wandb_credentials,
+    run_name,
+    wandb_epoch_keys,
+    wandb_summary_keys,
+)
 
 
 def _logger(**kw):
@@ -60,13 +67,20 @@ def test_offline_run_logs_config_tags_history_and_summary(no_credentials, tmp_pa
             {"epoch": epoch, "lr": 0.1, "train_top1": 50.0 + epoch, "val_top1": 40.0 + epoch}
         )
         tracker.log_epoch(history)
-    tracker.write_summary({"val_top1": 42.0, "train_top1": 52.0, "logit_norm": float("nan")})
+    tracker.write_summary(
+        {"val_top1": 42.0, "val_top1_final": 42.0, "train_top1": 52.0, "logit_norm": float("nan")}
+    )
     tracker.finish(exit_code=0)
 
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary == {"val_top1": 42.0, "train_top1": 52.0, "logit_norm": None}
+    assert summary == {
+        "val_top1": 42.0,
+        "val_top1_final": 42.0,
+        "train_top1": 52.0,
+        "logit_norm": None,
+    }
 
     run = read_offline_run(tmp_path)
     assert run["id"] == tracker.run_id
@@ -80,7 +94,11 @@ def test_offline_run_logs_config_tags_history_and_summary(no_credentials, tmp_pa
     ]
     steps = [h for h in run["history"] if "step/loss" in h]
     assert [h["trainer/step"] for h in steps] == [10, 20]
-    assert run["summary"]["val_top1"] == 42.0
+    # One name per metric in the wandb summary: the history's (summary.json keeps flat keys).
+    assert run["summary"]["val/top1"] == {"max": 42.0, "last": 42.0}
+    assert run["summary"]["val/top1_final"] == 42.0
+    assert run["summary"]["train/top1"] == 52.0
+    assert not {"val_top1", "train_top1", "logit_norm"} & set(run["summary"])
     assert run["exit_code"] == 0
 
 
@@ -123,3 +141,102 @@ def test_filter_norm_records_after_the_resume_step_are_dropped(tmp_path):
     tracker.truncate_filter_norms(20)
     lines = (tmp_path / "filter_norms.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [10, 20]
+
+
+def test_best_val_top1_is_in_the_wandb_summary_while_the_run_goes(tmp_path):
+    tracker = Tracker(tmp_path, {}, _logger(), name="resnet18-pgt-a0.25-cosine-s3")
+    history = []
+    for epoch, top1 in ((1, 30.0), (2, 45.0), (3, 40.0)):
+        history.append({"epoch": epoch, "val_top1": top1})
+        tracker.log_epoch(history)
+    # No write_summary: the run is still going (or was killed).
+    tracker.finish(exit_code=1)
+    run = read_offline_run(tmp_path)
+    assert run["name"] == "resnet18-pgt-a0.25-cosine-s3"
+    assert run["summary"]["val/top1"] == {"max": 45.0, "last": 40.0}
+    assert run["summary"]["best/val_top1"] == 45.0 and run["summary"]["best/epoch"] == 2
+    rows = [h for h in run["history"] if "best/epoch" in h]
+    assert [(h["epoch"], h["best/epoch"]) for h in rows] == [(1, 1), (2, 2), (3, 2)]
+
+
+def test_summary_and_best_names():
+    assert best_so_far([{"epoch": 1}]) == {}
+    assert best_so_far([{"epoch": 1, "val_top1": 5.0}, {"epoch": 2, "val_top1": 5.0}]) == {
+        "best/val_top1": 5.0,
+        "best/epoch": 1,
+    }
+    keys = wandb_summary_keys(
+        {
+            "model": "resnet18",
+            "val_top1": 1.0,
+            "best_val_top1": 2.0,
+            "val_top1_best": 2.0,
+            "best_epoch": 4,
+            "val_top5": 3.0,
+            "train_loss": 0.5,
+            "logit_norm": 9.0,
+            "train_images": 100,
+            "steps": 7,
+        }
+    )
+    assert keys == {
+        "model": "resnet18",
+        "best/val_top1": 2.0,
+        "best/epoch": 4,
+        "val/top5": 3.0,
+        "train/loss": 0.5,
+        "val/logit_norm": 9.0,
+        "train_images": 100,
+        "steps": 7,
+    }
+    config = {
+        "model": {"name": "resnet50"},
+        "method": {"alpha": None, "clip_mode": "agc", "impl": "exact"},
+        "sched": {"name": "step"},
+        "seed": 2,
+    }
+    assert run_name(config) == "resnet50-agc-step-s2"
+    config["method"]["alpha"] = 0.25
+    assert run_name(config) == "resnet50-agc_pgt-a0.25-step-s2"
+
+
+TINY = [
+    "data=synthetic",
+    "data.num_classes=4",
+    "data.image_size=32",
+    "data.synthetic_train_images=32",
+    "data.synthetic_val_images=16",
+    "model=resnet18_nonorm",
+    "trainer.batch_size=16",
+    "trainer.epochs=2",
+    "trainer.warmup_epochs=0",
+    "trainer.device=cpu",
+    "trainer.threads=1",
+    "trainer.progress=false",
+    "logger=wandb",
+    "logger.mode=offline",
+]
+
+
+@pytest.mark.parametrize("kind", ["best", "last"])
+def test_a_run_names_itself_shares_its_job_type_and_uploads_its_checkpoint(tmp_path, kind):
+    from conftest import train_in_process
+
+    from powergrad.tracking import config_key
+
+    run_dir = tmp_path / "run"
+    extra = ["method=pgt", "seed=3", f"logger.log_checkpoints={kind}"]
+    summary = train_in_process(run_dir, *TINY, *extra)
+    run = read_offline_run(run_dir)
+    assert run["name"] == "resnet18_nonorm-pgt-a0.25-cosine-s3"
+    # Not a multirun, yet the job type is the configuration key: seed 4 launched apart shares it.
+    config = {k: v for k, v in run["config"].items() if k != "git_sha"}
+    assert run["job_type"] == config_key(config) == config_key({**config, "seed": 4})
+    assert run["job_type"].startswith("resnet18_nonorm pgt a=0.25 cosine b16 ")
+    (artifact,) = run["artifacts"]
+    assert artifact["type"] == "model" and artifact["name"] == f"model-{run['id']}"
+    assert sorted(artifact["aliases"]) == sorted([kind, "latest"])
+    assert list(artifact["files"]) == [f"{kind}.pt"]
+    assert artifact["metadata"]["val_top1_best"] == summary["val_top1_best"]
+    assert "val_top1" not in run["summary"] and "val/top1" in run["summary"]
+    assert json.loads((run_dir / "summary.json").read_text())["val_top1"] == summary["val_top1"]

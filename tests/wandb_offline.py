@@ -53,8 +53,9 @@ def read_offline_run(run_dir: str | os.PathLike, *, wait_s: float = 60.0) -> dic
     file, so this re-reads it for up to ``wait_s`` seconds until the run's exit record is there.
 
     Returns:
-        ``{"id", "config", "tags", "group", "job_type", "history": [dict, ...], "summary",
-        "exit_code", "files"}``; ``files`` lists every offline run directory found (oldest
+        ``{"id", "name", "config", "tags", "group", "job_type", "history": [dict, ...],
+        "summary", "exit_code", "artifacts": [{"name", "type", "aliases", "metadata",
+        "files"}], "files"}``; ``files`` lists every offline run directory found (oldest
         first), e.g. two after a resume.
     """
     roots = sorted(Path(run_dir).glob("wandb/offline-run-*"))
@@ -74,6 +75,7 @@ def _read_store(roots: list[Path]) -> dict[str, Any]:
         "history": [],
         "summary": {},
         "exit_code": None,
+        "artifacts": [],
         "files": [str(r) for r in roots],
     }
     (store,) = roots[-1].glob("run-*.wandb")
@@ -82,7 +84,11 @@ def _read_store(roots: list[Path]) -> dict[str, Any]:
         if kind == "run":
             run = record.run
             out.update(
-                id=run.run_id, tags=list(run.tags), group=run.run_group, job_type=run.job_type
+                id=run.run_id,
+                name=run.display_name,
+                tags=list(run.tags),
+                group=run.run_group,
+                job_type=run.job_type,
             )
             for item in run.config.update:
                 out["config"][item.key] = json.loads(item.value_json)
@@ -99,6 +105,17 @@ def _read_store(roots: list[Path]) -> dict[str, Any]:
             for item in record.summary.update:
                 key = item.key or "/".join(item.nested_key)
                 out["summary"][key] = json.loads(item.value_json)
+        elif kind == "artifact":
+            a = record.artifact
+            out["artifacts"].append(
+                {
+                    "name": a.name,
+                    "type": a.type,
+                    "aliases": list(a.aliases),
+                    "metadata": json.loads(a.metadata or "{}"),
+                    "files": {e.path: e.local_path for e in a.manifest.contents},
+                }
+            )
         elif kind == "exit":
             out["exit_code"] = record.exit.exit_code
     out["config"].pop("_wandb", None)
