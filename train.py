@@ -23,7 +23,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from powergrad import checkpoint, rundir
 from powergrad import distributed as pgdist
-from powergrad.checkpoint import BEST, LAST, CheckpointError, NonFiniteError, TrainState
+from powergrad.checkpoint import (
+    BEST,
+    LAST,
+    CheckpointError,
+    NonFiniteError,
+    TrainState,
+    rank_best,
+)
 from powergrad.config import ConfigError, register_configs, validate_train
 from powergrad.data import DatasetError, Shard, build_loaders, file_list_change
 from powergrad.diagnostics import filter_norm_record
@@ -272,14 +279,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     changes = []
                 state.history.append(record)
                 state.nonfinite_losses += train["nonfinite_losses"]
-                improved = val is not None and val["top1"] > state.best_val_top1
-                if improved:
-                    state.best_val_top1, state.best_epoch = val["top1"], state.epoch + 1
+                # Among the trainer.keep_best best by val top-1: its weights file is written.
+                ranks = val is not None and rank_best(
+                    state, val["top1"], state.epoch + 1, t.keep_best
+                )
                 state.epoch, state.batch = state.epoch + 1, 0
                 meter = EpochMeter(device)
                 tracker.log_epoch(state.history)
                 progress.log_epoch(record)
-                save(best=improved)
+                save(best=ranks)
                 # A signal during evaluation: the checkpoint above is the one to resume from.
                 if state.epoch < t.epochs and watcher.should_stop(None):
                     watcher.stop(run_dir, state.step)  # raises Preempted

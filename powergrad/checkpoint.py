@@ -15,7 +15,10 @@ containers and tensors, readable with ``torch.load(weights_only=True)``:
 
 ``best.pt`` (format ``powergrad-weights-v1``) keeps the best epoch's ``model`` and what
 identifies it (:data:`WEIGHTS_KEYS`), half the size of ``last.pt``: it is for evaluation and
-fine-tuning, and :func:`restore` refuses it.
+fine-tuning, and :func:`restore` refuses it. With ``trainer.keep_best=K`` > 1 the next K - 1
+epochs by val top-1 are kept beside it as ``best-epochNNNN.pt`` (same format, NNNN the epoch):
+a new file is always complete on disk (the old best linked to its epoch name, then the new
+best.pt written) before any file that left the top K is removed.
 
 Both are written through :func:`powergrad.fileio.atomic_write` on rank 0, and only when every
 parameter and buffer is finite: a diverged state is never written over a good one.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import shutil
 import time
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -47,10 +51,12 @@ __all__ = [
     "CheckpointError",
     "NonFiniteError",
     "TrainState",
+    "best_name",
     "capture_rng",
     "configure_runtime",
     "load",
     "nonfinite_tensors",
+    "rank_best",
     "restore",
     "restore_rng",
     "save",
@@ -86,6 +92,9 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per finished epoch
     wall_s: float = 0.0  # training wall time of earlier starts of this run, seconds
     nonfinite_losses: int = 0  # over finished epochs (fp16: steps the scaler skipped)
+    # The kept best epochs, [val_top1, epoch] by val top-1 (ties: the earlier epoch first);
+    # the first is best.pt, the others best-epochNNNN.pt (trainer.keep_best of them in all).
+    best_checkpoints: list[list[float]] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter, repr=False)  # this start, not saved
 
     def elapsed_s(self) -> float:
@@ -106,6 +115,54 @@ def nonfinite_tensors(model: nn.Module) -> list[str]:
     return [n for (n, _), good in zip(floats, ok.tolist(), strict=True) if not good]
 
 
+def rank_best(state: TrainState, top1: float, epoch: int, keep: int) -> bool:
+    """Enter epoch ``epoch`` (1-based, just finished) with val top-1 ``top1`` into the
+    ``keep`` best; updates ``state`` (best_val_top1 / best_epoch when it is the new best) and
+    returns whether it ranks (then :func:`save` with ``best=True`` writes its file)."""
+    if not top1 > float("-inf"):  # NaN: never ranks
+        return False
+    entry = [top1, epoch]
+    # sorted is stable: among equal values the earlier epoch stays ahead.
+    ranked = sorted([*state.best_checkpoints, entry], key=lambda r: -r[0])[:keep]
+    state.best_checkpoints = ranked
+    if ranked[0] is entry:
+        state.best_val_top1, state.best_epoch = top1, epoch
+    return any(r is entry for r in ranked)
+
+
+def best_name(epoch: int) -> str:
+    """File name of a kept runner-up epoch (trainer.keep_best > 1)."""
+    return f"best-epoch{epoch:04d}.pt"
+
+
+def _keep_as(src: Path, dst: Path) -> None:
+    """``dst`` becomes a second name of ``src``'s bytes, atomically (hard link; a copy where
+    the filesystem has none)."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _write_best(run_dir: Path, weights: dict[str, Any], state: TrainState) -> None:
+    """best.pt, or a runner-up's best-epochNNNN.pt, then remove what left the top K."""
+    epoch, kept = weights["epoch"], state.best_checkpoints
+    if state.best_epoch == epoch:
+        if len(kept) > 1 and (run_dir / BEST).exists():
+            # The previous best (now second) keeps its bytes under its epoch's name first.
+            _keep_as(run_dir / BEST, run_dir / best_name(int(kept[1][1])))
+        atomic_write(run_dir / BEST, lambda f: torch.save(weights, f))
+    else:
+        atomic_write(run_dir / best_name(epoch), lambda f: torch.save(weights, f))
+    names = {best_name(int(e)) for _, e in kept[1:]}
+    for path in run_dir.glob("best-epoch*.pt"):
+        if path.name not in names:
+            path.unlink(missing_ok=True)
+
+
 def save(
     run_dir: Path,
     *,
@@ -122,7 +179,9 @@ def save(
     file_list: str | None = None,
     best: bool = False,
 ) -> None:
-    """Write ``last.pt`` (and ``best.pt`` when ``best``) on rank 0; every rank must call it.
+    """Write ``last.pt`` on rank 0 (every rank must call it); with ``best`` (the epoch just
+    finished ranks, :func:`rank_best`) also its weights file: ``best.pt`` when it is the best,
+    else ``best-epochNNNN.pt``.
 
     Raises:
         NonFiniteError: a parameter or buffer is NaN/inf (nothing is written).
@@ -164,7 +223,7 @@ def save(
         # continuing; evaluation and fine-tuning need the weights and what identifies them.
         weights = {"format": WEIGHTS_FORMAT, "model": ckpt["model"]}
         weights.update({k: ckpt[k] for k in (*WEIGHTS_KEYS, *RUN_KEYS)})
-        atomic_write(run_dir / BEST, lambda f: torch.save(weights, f))
+        _write_best(run_dir, weights, state)
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:
@@ -227,6 +286,8 @@ def restore(
     restore_rng(rng)
     saved = {k: ckpt[k] for k in TrainState.__dataclass_fields__ if k in ckpt and k != "started"}
     saved["history"] = list(saved.get("history", []))
+    if saved.get("best_epoch") and not saved.get("best_checkpoints"):  # older checkpoints
+        saved["best_checkpoints"] = [[saved["best_val_top1"], saved["best_epoch"]]]
     return TrainState(**saved)
 
 

@@ -166,6 +166,9 @@ class TrainerConfig:
     deterministic: bool = False
     # Also checkpoint every N optimizer steps inside an epoch (0: only at epoch ends).
     checkpoint_every_steps: int = 0
+    # Weights of the K best epochs by val top-1: best.pt (the best) and, for K > 1, the
+    # runners-up as best-epochNNNN.pt (NNNN: their epoch). last.pt is always written.
+    keep_best: int = 1
     # Sync and log step metrics (loss, lr) every N optimizer steps; the only per-step host syncs.
     log_every_steps: int = 50
     # Record per-filter conv weight norms every N steps to filter_norms.jsonl (0: off).
@@ -465,7 +468,7 @@ def validate_train(cfg: DictConfig, world_size: int | None = None) -> None:
     for key in ("checkpoint_every_steps", "filter_norms_every_steps"):
         if t[key] < 0:
             raise ConfigError(f"trainer.{key}={t[key]}: must be >= 0")
-    for key in ("log_every_steps", "eval_every_epochs", "preempt_check_every_steps"):
+    for key in ("log_every_steps", "eval_every_epochs", "preempt_check_every_steps", "keep_best"):
         if t[key] < 1:
             raise ConfigError(f"trainer.{key}={t[key]}: must be >= 1")
     _choices(cfg.sched.stepping, SCHED_UPDATES, "sched.stepping")

@@ -374,6 +374,7 @@ _NOT_CONFIGURATION = (
     "trainer.preempt_check_every_steps",
     "trainer.log_every_steps",
     "trainer.checkpoint_every_steps",
+    "trainer.keep_best",
     "data.root",
     "loader",
     "logger",
