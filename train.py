@@ -20,6 +20,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from timm.utils import ModelEmaV3
 
 from powergrad import checkpoint, rundir
 from powergrad import distributed as pgdist
@@ -117,6 +118,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         zero_init_last=cfg.model.zero_init_last,
     )
     model = model.to(device, memory_format=torch.channels_last if t.channels_last else None)
+    # EMA of the weights (timm), updated after each optimizer step; None when off.
+    ema = ModelEmaV3(model, decay=t.ema_decay) if t.ema_decay is not None else None
     if dist.rank:
         # Own random streams per rank from here on (dropout masks, ...); the weights above were
         # drawn with cfg.seed on every rank (DDP broadcasts rank 0's anyway).
@@ -178,6 +181,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             scheduler=scheduler,
             meter=meter,
             loader=loaders.train,
+            ema=ema,
         )
         if changes:  # opted in with trainer.allow_changes: on record in wandb and metrics.jsonl
             print(f"continuing with changed settings: {'; '.join(changes)}", file=sys.stderr)
@@ -198,6 +202,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             git_sha=sha,
             file_list=file_list,
             best=best,
+            ema=ema,
+        )
+
+    def validate(module: torch.nn.Module) -> dict[str, float]:
+        return evaluate(
+            module, loaders.val, device=device, amp_dtype=amp_dtype, channels_last=t.channels_last
         )
 
     label = method_label(cfg.method.alpha, cfg.method.clip_mode, cfg.method.impl)
@@ -230,6 +240,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     amp_dtype=amp_dtype,
                     channels_last=t.channels_last,
                     accum_steps=t.accum_steps,
+                    ema=ema,
                 ):
                     progress.update()
                     if state.step % t.log_every_steps == 0:
@@ -256,21 +267,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     # fp16: the scaler skipped every step of the epoch; the weights are bad.
                     raise NonFiniteError(f"every loss of epoch {state.epoch + 1} was non-finite")
                 train_s = time.perf_counter() - epoch_start
-                val = None
+                val = val_ema = None
                 if state.epoch + 1 == t.epochs or (state.epoch + 1) % t.eval_every_epochs == 0:
-                    val = evaluate(
-                        net,
-                        loaders.val,
-                        device=device,
-                        amp_dtype=amp_dtype,
-                        channels_last=t.channels_last,
-                    )
+                    val = validate(net)
+                    val_ema = validate(ema.module) if ema is not None else None
                 record = {
                     "epoch": state.epoch + 1,
                     "step": state.step,
                     "lr": optimizer.param_groups[0]["lr"],
                     **train,
-                    **({f"val_{k}": v for k, v in val.items()} if val else {}),
+                    **{f"val_{k}": v for k, v in (val or {}).items()},
+                    **{f"val_ema_{k}": v for k, v in (val_ema or {}).items()},
                     "images_per_s": (train["train_images"] - images_before) / max(train_s, 1e-9),
                     "epoch_s": time.perf_counter() - epoch_start,
                 }
@@ -342,6 +349,7 @@ def summarize(cfg, state, dist, train_images, tracker, sha, run_dir) -> dict[str
         "val_top1_best": state.best_val_top1 if state.best_epoch else None,
         "best_epoch": state.best_epoch or None,
         "val_top5": final.get("val_top5"),
+        "val_ema_top1": final.get("val_ema_top1"),  # trainer.ema_decay: the EMA weights'
         "train_loss": final.get("train_loss"),
         "val_loss": final.get("val_loss"),
         "logit_norm": final.get("val_logit_norm"),

@@ -4,6 +4,7 @@
 containers and tensors, readable with ``torch.load(weights_only=True)``:
 
 - ``model``: the unwrapped model's state dict (timm keys, so eval.py and timm can read it);
+- ``ema``: with trainer.ema_decay, the EMA weights' state dict (timm keys), else None;
 - ``optimizer``, ``scaler``, ``scheduler``: their state dicts;
 - :class:`TrainState`'s fields: ``epoch`` / ``batch`` (next epoch, next batch in it), ``step``
   (optimizer steps), ``best_val_top1``, ``best_epoch``, ``history``, ``wall_s``,
@@ -178,6 +179,7 @@ def save(
     git_sha: str,
     file_list: str | None = None,
     best: bool = False,
+    ema: Any = None,
 ) -> None:
     """Write ``last.pt`` on rank 0 (every rank must call it); with ``best`` (the epoch just
     finished ranks, :func:`rank_best`) also its weights file: ``best.pt`` when it is the best,
@@ -203,6 +205,7 @@ def save(
     ckpt = {
         "format": TRAINING_FORMAT,
         "model": bare.state_dict(),
+        "ema": ema.module.state_dict() if ema is not None else None,
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -253,11 +256,14 @@ def restore(
     scheduler: Any,
     meter: Any,
     loader: Any,
+    ema: Any = None,
 ) -> TrainState:
     """Load a ``last.pt`` dict into the run's objects; returns the state to continue from.
 
     ``meter`` gets the unfinished epoch's sums on rank 0 (other ranks start theirs at zero);
-    ``loader`` its position when the world size is unchanged (else its epoch restarts).
+    ``loader`` its position when the world size is unchanged (else its epoch restarts);
+    ``ema`` (timm's ModelEmaV3) its weights, or the restored model's when the checkpoint has none
+    (EMA turned on at a resume starts from the current weights).
     """
     if ckpt.get("format") == WEIGHTS_FORMAT:
         raise CheckpointError(f"a {BEST} holds weights only; resume from the run's {LAST}")
@@ -267,6 +273,8 @@ def restore(
         )
     rank = pgdist.rank()
     unwrap_model(model).load_state_dict(ckpt["model"])
+    if ema is not None:
+        ema.module.load_state_dict(ckpt.get("ema") or ckpt["model"])
     # The optimizer's momentum buffers come from the checkpoint, its hyper-parameters from the
     # config (the same unless a resume changed them on purpose); the schedule is a function of
     # the step count alone, so it follows the config's plan too.

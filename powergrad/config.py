@@ -169,6 +169,9 @@ class TrainerConfig:
     # Weights of the K best epochs by val top-1: best.pt (the best) and, for K > 1, the
     # runners-up as best-epochNNNN.pt (NNNN: their epoch). last.pt is always written.
     keep_best: int = 1
+    # EMA of the weights (timm's ModelEmaV3), updated after each optimizer step and evaluated
+    # beside the raw model every evaluation (val_ema_* in metrics.jsonl); null: off.
+    ema_decay: float | None = None
     # Sync and log step metrics (loss, lr) every N optimizer steps; the only per-step host syncs.
     log_every_steps: int = 50
     # Record per-filter conv weight norms every N steps to filter_norms.jsonl (0: off).
@@ -461,6 +464,8 @@ def validate_train(cfg: DictConfig, world_size: int | None = None) -> None:
             "batch_size / (world_size * accum_steps); pick a batch_size that is a multiple of "
             f"{world * t.accum_steps}"
         )
+    if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
+        raise ConfigError(f"trainer.ema_decay={t.ema_decay}: must be in (0, 1), or null (off)")
     if not 0 <= t.warmup_epochs < t.epochs:
         raise ConfigError(
             f"trainer.warmup_epochs={t.warmup_epochs}: must be in [0, trainer.epochs={t.epochs})"

@@ -19,6 +19,7 @@ from torch import nn
 from powergrad import distributed as pgdist
 from powergrad.checkpoint import NonFiniteError, TrainState
 from powergrad.diagnostics import LogitStats
+from powergrad.models import unwrap_model
 
 __all__ = [
     "AMP_DTYPES",
@@ -145,6 +146,7 @@ def train_one_epoch(
     amp_dtype: torch.dtype | None,
     channels_last: bool,
     accum_steps: int = 1,
+    ema: Any = None,
 ) -> Iterator[torch.Tensor]:
     """Train from ``state.batch`` to the end of epoch ``state.epoch``, updating ``state``.
 
@@ -159,11 +161,15 @@ def train_one_epoch(
     The epoch's last ``len(loader) % accum_steps`` batches (a partial group) are read but not
     trained on: every optimizer step sees the full global batch, and an epoch has as many
     steps as it has without accumulation (:func:`optimizer_steps`).
+
+    ``ema`` (timm's ``ModelEmaV3`` of the bare model, or None) is updated after each optimizer
+    step, with the step count (its first update copies the weights).
     """
     device = meter.sums.device
     model.train()
     end = optimizer_steps(len(loader), accum_steps) * accum_steps
     no_sync = getattr(model, "no_sync", None)  # DDP (also through torch.compile)
+    bare = unwrap_model(model)
     pending, loss_sum = 0, None  # micro-batches of the current group, their summed loss
     for images, target in loader.epoch(state.epoch, start_batch=state.batch):
         if state.batch + pending >= end:
@@ -192,6 +198,8 @@ def train_one_epoch(
         state.step += 1
         state.batch += accum_steps
         scheduler.step_update(num_updates=state.step)
+        if ema is not None:
+            ema.update(bare, step=state.step)
         step_loss = loss_sum / accum_steps if accum_steps > 1 else loss_sum
         pending, loss_sum = 0, None
         yield step_loss
