@@ -38,6 +38,7 @@ from powergrad.diagnostics import filter_norm_record
 from powergrad.engine import (
     AMP_DTYPES,
     EpochMeter,
+    build_mixup,
     check_finite,
     evaluate,
     make_grad_scaler,
@@ -143,7 +144,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         warmup_epochs=t.warmup_epochs,
         iters_per_epoch=steps_per_epoch,
     )
-    loss_fn = build_loss(cfg.method)
+    # Mixup / CutMix (None when off) carry method.label_smoothing in their soft targets.
+    mixup = build_mixup(
+        t.mixup_alpha, t.cutmix_alpha, cfg.method.label_smoothing, loaders.num_classes
+    )
+    loss_fn = build_loss(
+        cfg.method if mixup is None else OmegaConf.merge(cfg.method, {"label_smoothing": 0.0})
+    )
     clip = build_clipper(cfg.method, model)
     amp_dtype = AMP_DTYPES[t.precision]
     net = model
@@ -241,6 +248,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     channels_last=t.channels_last,
                     accum_steps=t.accum_steps,
                     ema=ema,
+                    mixup=mixup,
                 ):
                     progress.update()
                     if state.step % t.log_every_steps == 0:

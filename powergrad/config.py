@@ -172,6 +172,10 @@ class TrainerConfig:
     # EMA of the weights (timm's ModelEmaV3), updated after each optimizer step and evaluated
     # beside the raw model every evaluation (val_ema_* in metrics.jsonl); null: off.
     ema_decay: float | None = None
+    # Mixup / CutMix (timm's Mixup, per batch) Beta(alpha, alpha) parameters; 0 = off. When one
+    # is on, method.label_smoothing goes into the mixed (soft) targets, the loss gets none.
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
     # Sync and log step metrics (loss, lr) every N optimizer steps; the only per-step host syncs.
     log_every_steps: int = 50
     # Record per-filter conv weight norms every N steps to filter_norms.jsonl (0: off).
@@ -466,6 +470,23 @@ def validate_train(cfg: DictConfig, world_size: int | None = None) -> None:
         )
     if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
         raise ConfigError(f"trainer.ema_decay={t.ema_decay}: must be in (0, 1), or null (off)")
+    if t.mixup_alpha < 0 or t.cutmix_alpha < 0:
+        raise ConfigError(
+            f"trainer.mixup_alpha={t.mixup_alpha} / trainer.cutmix_alpha={t.cutmix_alpha}: "
+            "must be >= 0 (0: off)"
+        )
+    if t.mixup_alpha or t.cutmix_alpha:
+        if cfg.method.impl == "authors_hook":
+            raise ConfigError(
+                "method.impl=authors_hook takes class indices, not mixup's soft targets; use "
+                "method.impl=exact with trainer.mixup_alpha / trainer.cutmix_alpha"
+            )
+        if (t.batch_size // (world * t.accum_steps)) % 2:
+            raise ConfigError(
+                f"mixup / cutmix pair each batch with its reverse: the loader batch "
+                f"trainer.batch_size / (world size {world} x trainer.accum_steps) = "
+                f"{t.batch_size // (world * t.accum_steps)} must be even"
+            )
     if not 0 <= t.warmup_epochs < t.epochs:
         raise ConfigError(
             f"trainer.warmup_epochs={t.warmup_epochs}: must be in [0, trainer.epochs={t.epochs})"

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.data import Mixup
 from torch import nn
 
 from powergrad import distributed as pgdist
@@ -25,6 +26,7 @@ __all__ = [
     "AMP_DTYPES",
     "EpochMeter",
     "autocast",
+    "build_mixup",
     "check_finite",
     "evaluate",
     "make_grad_scaler",
@@ -54,6 +56,21 @@ def make_grad_scaler(
         return torch.amp.GradScaler(device.type)
     return torch.amp.GradScaler(
         device.type, init_scale=1.0, growth_interval=2**30, enabled=skip_nonfinite_steps
+    )
+
+
+def build_mixup(
+    mixup_alpha: float, cutmix_alpha: float, label_smoothing: float, num_classes: int
+) -> Mixup | None:
+    """timm's Mixup / CutMix over each train batch (soft (N, C) targets, ``label_smoothing``
+    folded in, so the loss must not smooth again), or None when both alphas are 0."""
+    if not (mixup_alpha or cutmix_alpha):
+        return None
+    return Mixup(
+        mixup_alpha=mixup_alpha,
+        cutmix_alpha=cutmix_alpha,
+        label_smoothing=label_smoothing,
+        num_classes=num_classes,
     )
 
 
@@ -147,6 +164,7 @@ def train_one_epoch(
     channels_last: bool,
     accum_steps: int = 1,
     ema: Any = None,
+    mixup: Mixup | None = None,
 ) -> Iterator[torch.Tensor]:
     """Train from ``state.batch`` to the end of epoch ``state.epoch``, updating ``state``.
 
@@ -163,7 +181,9 @@ def train_one_epoch(
     steps as it has without accumulation (:func:`optimizer_steps`).
 
     ``ema`` (timm's ``ModelEmaV3`` of the bare model, or None) is updated after each optimizer
-    step, with the step count (its first update copies the weights).
+    step, with the step count (its first update copies the weights). ``mixup`` (timm's, or
+    None) mixes each loader batch and turns its targets into soft (N, C) ones; it draws from
+    numpy's global RNG, which checkpoints capture.
     """
     device = meter.sums.device
     model.train()
@@ -175,6 +195,8 @@ def train_one_epoch(
         if state.batch + pending >= end:
             continue  # the partial group at the epoch's end (read to let the loader finish)
         last = pending + 1 == accum_steps
+        if mixup is not None:
+            images, target = mixup(images, target)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         if pending == 0:
