@@ -47,7 +47,7 @@ from powergrad.engine import (
 )
 from powergrad.fileio import DiskFullError
 from powergrad.method import build_clipper, build_loss, method_label, method_tags
-from powergrad.models import build_model
+from powergrad.models import build_model, pretrained_file
 from powergrad.optim import build_optimizer, build_scheduler
 from powergrad.preemption import MARKER, Preempted, PreemptionWatcher, exit_for_requeue
 from powergrad.tracking import Progress, Tracker, config_key, git_sha, run_name
@@ -118,6 +118,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         drop_rate=cfg.model.drop_rate,
         zero_init_last=cfg.model.zero_init_last,
     )
+    init = cfg.model.init or (pretrained_file(cfg.model.name) if cfg.model.pretrained else None)
+    # Fine-tuning (a continued run has its own weights): the head is reset on a class change.
+    if init and not ckpt and checkpoint.init_weights(model, Path(init).expanduser()):
+        print(f"{init}: classifier re-initialised for {loaders.num_classes} classes")
     model = model.to(device, memory_format=torch.channels_last if t.channels_last else None)
     # EMA of the weights (timm), updated after each optimizer step; None when off.
     ema = ModelEmaV3(model, decay=t.ema_decay) if t.ema_decay is not None else None

@@ -44,7 +44,7 @@ from torch import nn
 from powergrad import distributed as pgdist
 from powergrad.data.sampling import STREAM_RANK, derive_seed
 from powergrad.fileio import atomic_write
-from powergrad.models import unwrap_model
+from powergrad.models import load_state_dict_strict, unwrap_model
 
 __all__ = [
     "BEST",
@@ -55,6 +55,7 @@ __all__ = [
     "best_name",
     "capture_rng",
     "configure_runtime",
+    "init_weights",
     "load",
     "nonfinite_tensors",
     "rank_best",
@@ -297,6 +298,39 @@ def restore(
     if saved.get("best_epoch") and not saved.get("best_checkpoints"):  # older checkpoints
         saved["best_checkpoints"] = [[saved["best_val_top1"], saved["best_epoch"]]]
     return TrainState(**saved)
+
+
+def init_weights(model: nn.Module, path: str | os.PathLike) -> bool:
+    """Start training from the weights in ``path`` (fine-tuning): our last.pt / best.pt
+    (``model`` key), a timm checkpoint (``state_dict``) or a raw / safetensors state dict, read
+    by timm's ``load_state_dict`` with ``weights_only``. When the classifier's class count
+    differs, the model keeps its own freshly initialised classifier (head reset); every other
+    key and shape must match (:func:`powergrad.models.load_state_dict_strict`).
+
+    Returns:
+        True when the head was reset.
+
+    Raises:
+        CheckpointError: unreadable file, or an architecture mismatch (named).
+    """
+    from timm.models import load_state_dict
+
+    try:
+        state = load_state_dict(str(path), use_ema=False, weights_only=True)
+    except (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        raise CheckpointError(f"model.init={path}: not a readable checkpoint ({e})") from None
+    bare = unwrap_model(model)
+    head = bare.default_cfg.get("classifier", "fc")
+    own = bare.state_dict()
+    keys = [k for k in own if k.startswith(f"{head}.")]
+    reset = any(k in state and state[k].shape != own[k].shape for k in keys)
+    if reset:
+        state.update({k: own[k] for k in keys})
+    try:
+        load_state_dict_strict(bare, state, source=str(path))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    return reset
 
 
 def configure_runtime(threads: int | None, deterministic: bool) -> None:

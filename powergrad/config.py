@@ -79,6 +79,11 @@ class ModelConfig:
     # Zero-init the last BN of each residual block (timm's default). The authors' fork never
     # did (every BN gamma starts at 1); group ``recipe`` sets it.
     zero_init_last: bool = True
+    # Fine-tuning: start from these weights (our last.pt / best.pt, a timm checkpoint or state
+    # dict); the classifier is re-initialised when its class count differs. null: random init.
+    init: str | None = None
+    # Start from timm's pretrained weights, from a local copy only (HF cache, torch hub cache).
+    pretrained: bool = False
 
 
 @dataclass
@@ -351,6 +356,22 @@ def _check_model(name: str) -> None:
     _choices(name, MODEL_NAMES, "model.name")
 
 
+def _check_init(model: DictConfig) -> None:
+    from powergrad.models import pretrained_file
+
+    if model.init and model.pretrained:
+        raise ConfigError("model.init=PATH and model.pretrained=true both set the weights; pick one")
+    if model.init and not Path(str(model.init)).expanduser().is_file():
+        raise ConfigError(f"model.init={model.init}: no such file")
+    if model.pretrained and pretrained_file(model.name) is None:
+        raise ConfigError(
+            f"model.pretrained=true: no local timm weights for model={model.name} (no network "
+            "here; none in the Hugging Face or torch hub cache). Download them once where there "
+            f"is network (timm.create_model('{model.name}', pretrained=True)), or pass "
+            "model.init=PATH"
+        )
+
+
 def _check_precision(precision: str, device: str) -> None:
     _choices(precision, PRECISIONS, "precision")
     _choices(device, DEVICES, "device")
@@ -441,6 +462,7 @@ def validate_train(cfg: DictConfig, world_size: int | None = None) -> None:
         world_size = env_world()[1]
     world = world_size
     _check_model(cfg.model.name)
+    _check_init(cfg.model)
     _check_method(cfg.method)
     _check_data(cfg)
     _choices(cfg.optim.name, ("sgd",), "optim.name")

@@ -14,6 +14,7 @@ from typing import Any
 
 import timm
 import torch
+from timm.models import clean_state_dict
 from torch import nn
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "load_state_dict_strict",
     "load_timm_checkpoint",
     "per_filter_norms",
+    "pretrained_file",
     "unwrap_model",
 ]
 
@@ -38,10 +40,6 @@ _ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_ARCHS)
-
-# Prefixes that wrappers add to state-dict keys: DDP (``module.``) and torch.compile
-# (``_orig_mod.``). Stripped only when every key carries them.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 # Signature of a timm ResNet state dict -> model name, used only to word error messages.
 # Key: (blocks per stage, bottleneck?, squeeze-excitation?, has norm layers?).
@@ -95,6 +93,32 @@ def build_model(
     )
 
 
+def pretrained_file(name: str) -> str | None:
+    """A local copy of timm's pretrained weights for model ``name`` (its default pretrained
+    tag), or None: the pretrained_cfg's ``file``, the Hugging Face cache (``hf_hub_id``:
+    model.safetensors / pytorch_model.bin) or torch.hub's cache of its ``url``. Never
+    downloads (compute nodes have no network)."""
+    if name == "resnet18_nonorm":
+        return None  # timm has no weights for the BN-free variant
+    cfg = timm.models.get_pretrained_cfg(_ARCHS[name][0])
+    if cfg is None:
+        return None
+    if cfg.file and os.path.isfile(cfg.file):
+        return str(cfg.file)
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin"):
+            found = filename and try_to_load_from_cache(cfg.hf_hub_id, filename)
+            if isinstance(found, str):
+                return found
+    if cfg.url:
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(cfg.url))
+        if os.path.isfile(cached):
+            return cached
+    return None
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Return the bare model inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
     while True:
@@ -145,18 +169,6 @@ def load_timm_checkpoint(path: str | os.PathLike, *, use_ema: bool = False) -> d
     return dict(state)
 
 
-def _strip_wrapper_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    state = dict(state_dict)
-    changed = True
-    while changed and state:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix) :]: v for k, v in state.items()}
-                changed = True
-    return state
-
-
 def _shape(value: Any) -> str:
     return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
 
@@ -205,7 +217,7 @@ def load_state_dict_strict(
             model is resnet18 / num_classes=1000").
     """
     target = unwrap_model(model)
-    state = _strip_wrapper_prefixes(state_dict)
+    state = clean_state_dict(dict(state_dict))  # timm's: drops module. / _orig_mod. prefixes
     expected = target.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
