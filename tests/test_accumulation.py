@@ -1,6 +1,12 @@
 """Gradient accumulation: K micro-batches of B / K per optimizer step train like one batch of B."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +14,8 @@ from conftest import compose_train, train_in_process
 
 from powergrad.config import ConfigError, validate_train
 from powergrad.data.generate import write_image_folder
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +44,17 @@ def _args(folder, *extra):
     ]
 
 
+def _assert_same_training(a, b):
+    """Equal up to float rounding (summation order), which a few steps of a net without BN
+    amplify to ~3e-5; a wrong gradient (a missing 1 / accum_steps, a micro-batch left out of
+    the all-reduce) differs by the size of the update itself."""
+    for key, value in a.items():
+        assert torch.allclose(value, b[key], rtol=1e-3, atol=1e-4), key
+    flat_a = torch.cat([v.flatten() for v in a.values()])
+    flat_b = torch.cat([b[k].flatten() for k in a])
+    assert (flat_a - flat_b).norm() <= 1e-4 * flat_a.norm()
+
+
 def _weights(run_dir):
     return torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
 
@@ -49,13 +68,7 @@ def test_accumulated_micro_batches_train_like_the_whole_batch(folder, tmp_path):
     wa, wb = _weights(whole), _weights(accum)
     assert wa["step"] == wb["step"] == 4
     assert wa["batch"] == wb["batch"] == 0  # epoch ends; mid-epoch, batch counts loader batches
-    # Equal up to float rounding (summation order), which 4 steps of a net without BN amplify
-    # to ~3e-5 here; a wrong scale (a missing 1 / accum_steps) would differ by the update itself.
-    for key, value in wa["model"].items():
-        assert torch.allclose(value, wb["model"][key], rtol=1e-3, atol=1e-4), key
-    flat_a = torch.cat([v.flatten() for v in wa["model"].values()])
-    flat_b = torch.cat([wb["model"][k].flatten() for k in wa["model"]])
-    assert (flat_a - flat_b).norm() <= 1e-4 * flat_a.norm()
+    _assert_same_training(wa["model"], wb["model"])
     # The schedule counts optimizer steps: same lr at the end, same images seen.
     ha = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
     hb = [json.loads(x) for x in (accum / "metrics.jsonl").read_text().splitlines()]
@@ -80,3 +93,87 @@ def test_batch_must_divide_by_world_size_times_accum_steps():
         validate_train(compose_train("trainer.batch_size=120", "trainer.accum_steps=4"), 4)
     with pytest.raises(ConfigError, match=r"trainer\.accum_steps=0"):
         validate_train(compose_train("trainer.accum_steps=0"), 1)
+
+
+@pytest.mark.slow
+def test_two_ranks_accumulating_match_one_process_with_the_same_global_batch(tmp_path):
+    """DDP with no_sync on the non-final micro-steps: 2 ranks x 2 micro-batches of 16 train
+    like one process with batch 64 (gradients all-reduced once per optimizer step, summed
+    over the micro-batches first)."""
+    from test_distributed import ARGS, _env, _small_odd_digits
+
+    common = [*ARGS, f"data.root={_small_odd_digits(tmp_path)}"]
+    ddp_cwd, single_dir = tmp_path / "ddp", tmp_path / "single"
+    ddp_cwd.mkdir()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    ddp = subprocess.Popen(
+        [*torchrun, str(ROOT / "train.py"), *common, "trainer.accum_steps=2"],
+        cwd=ddp_cwd,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    single = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *common, f"hydra.run.dir={single_dir}"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out, _ = ddp.communicate(timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert ddp.returncode == 0, out[-3000:]
+    (ddp_dir,) = [p.parent for p in ddp_cwd.glob("outputs/*/*/summary.json")]
+    a = torch.load(single_dir / "last.pt", weights_only=True)
+    b = torch.load(ddp_dir / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 320 // 64 and b["world_size"] == 2
+    _assert_same_training(a["model"], b["model"])
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_with_accumulation_is_exact(folder, tmp_path):
+    # 5 loader batches of 32 (the fifth dropped) = 2 optimizer steps per epoch at batch 128 x 4
+    # accumulation; a checkpoint after every optimizer step, so one lands mid-epoch.
+    args = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *_args(folder, "model=resnet18_nonorm", "trainer.accum_steps=4"),
+        "trainer.epochs=3",
+        "trainer.checkpoint_every_steps=1",
+    ]
+    full, broken = tmp_path / "full", tmp_path / "broken"
+
+    def start(*extra):
+        return subprocess.Popen(
+            [*args, *extra], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+
+    reference = start(f"hydra.run.dir={full}")
+    victim = start(f"hydra.run.dir={broken}")
+    last = broken / "last.pt"
+    deadline, seen = time.time() + 240, None
+    while time.time() < deadline and victim.poll() is None:
+        mtime = last.stat().st_mtime_ns if last.exists() else None
+        if mtime is not None and mtime != seen:
+            seen = mtime
+            if torch.load(last, weights_only=True)["step"] == 3:  # epoch 2, after its 1st step
+                os.kill(victim.pid, signal.SIGKILL)
+                break
+        time.sleep(0.01)
+    victim.wait(timeout=60)
+    assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = torch.load(last, weights_only=True)
+    # Checkpoints fall on group boundaries: batch counts loader batches, a multiple of 4.
+    assert killed_at["epoch"] == 1 and killed_at["batch"] == 4 and killed_at["step"] == 3
+
+    resumed = start(f"trainer.resume={broken}")
+    for proc in (resumed, reference):
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out.decode()[-3000:]
+    a = torch.load(full / "last.pt", weights_only=True)
+    b = torch.load(broken / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
