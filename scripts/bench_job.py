@@ -375,7 +375,9 @@ def main_job(args: argparse.Namespace, meta: dict) -> dict:
         summaries = sorted(Path(tmp).glob("sweep/*/summary.json"))
         runs = [json.loads(x.read_text()) for x in summaries]
     out = {
-        "meta": meta | {"loadavg_after": os.getloadavg()[0]},
+        # --epochs / --rounds do not apply: the job runs its own 30 epochs once
+        "meta": {k: v for k, v in meta.items() if k not in ("epochs", "rounds")}
+        | {"loadavg_after": os.getloadavg()[0]},
         "main_job_command": "python " + " ".join(cmd),
         "env": {k: os.environ[k] for k in ("OMP_WAIT_POLICY",) if k in os.environ},
         "wall_s": r["wall_s"],

@@ -1,7 +1,8 @@
 """The plain PyTorch script a user would write for the main job's recipe (issue 14, item 1).
 
 torchvision ImageFolder + PIL + RandomResizedCrop (digits: area 0.35..1, aspect 3/4..4/3, no flip,
-configs/data/digits.yaml), a DataLoader with persistent workers, timm resnet18, SGD Nesterov
+configs/data/digits.yaml), a DataLoader with persistent workers, timm resnet18 (every BN gamma
+starting at 1: model.zero_init_last=false in the default recipe), SGD Nesterov
 (momentum 0.9, wd 5e-4 on >= 2-D weights only), timm cosine per iteration with a 1-epoch warmup
 from 4e-4 to 0.1 * batch / 256, per-epoch val top-1, no checkpoints. The yardstick for
 train.py's speed (scripts/bench_job.py). One JSON line per epoch, then one summary line.
@@ -50,7 +51,8 @@ def main(argv=None):
     train_loader = DataLoader(train_set, args.batch_size, shuffle=True, drop_last=True, **kw)
     val_loader = DataLoader(val_set, args.batch_size, **kw)
 
-    model = timm.create_model("resnet18", num_classes=len(train_set.classes))
+    # Every BN gamma at 1, as train.py's default recipe (configs/recipe/paper_text.yaml).
+    model = timm.create_model("resnet18", num_classes=len(train_set.classes), zero_init_last=False)
     groups = param_groups_weight_decay(model, 5e-4)
     lr = 0.1 * args.batch_size / 256
     optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
