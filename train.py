@@ -74,8 +74,6 @@ def settle_run_dir(cfg: DictConfig, dist: pgdist.DistInfo) -> tuple[DictConfig, 
     resume, error = pgdist.broadcast_object(decision)  # every rank raises the same error
     if error:
         raise ConfigError(error)
-    if resume and dist.is_main:
-        print(f"resuming {run_dir} from its last checkpoint", file=sys.stderr)
     changes: list[str] = []
     if (cfg.trainer.resume or resume) and (run_dir / rundir.CONFIG_FILE).exists():
         saved = OmegaConf.load(run_dir / rundir.CONFIG_FILE)
@@ -83,6 +81,8 @@ def settle_run_dir(cfg: DictConfig, dist: pgdist.DistInfo) -> tuple[DictConfig, 
             cfg, saved, list(hydra_cfg.overrides.task), allow_changes=cfg.trainer.allow_changes
         )
         validate_train(cfg)
+    if resume and dist.is_main:
+        print(f"resuming {run_dir} from its last checkpoint", file=sys.stderr)
     if dist.is_main:
         rundir.write_provenance(run_dir, cfg, resume=resume)
     return cfg, run_dir, resume, changes
