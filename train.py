@@ -195,6 +195,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             meter=meter,
             loader=loaders.train,
             ema=ema,
+            accum_steps=t.accum_steps,
         )
         if changes:  # opted in with trainer.allow_changes: on record in wandb and metrics.jsonl
             print(f"continuing with changed settings: {'; '.join(changes)}", file=sys.stderr)

@@ -258,19 +258,29 @@ def restore(
     meter: Any,
     loader: Any,
     ema: Any = None,
+    accum_steps: int = 1,
 ) -> TrainState:
     """Load a ``last.pt`` dict into the run's objects; returns the state to continue from.
 
     ``meter`` gets the unfinished epoch's sums on rank 0 (other ranks start theirs at zero);
     ``loader`` its position when the world size is unchanged (else its epoch restarts);
     ``ema`` (timm's ModelEmaV3) its weights, or the restored model's when the checkpoint has none
-    (EMA turned on at a resume starts from the current weights).
+    (EMA turned on at a resume starts from the current weights). A mid-epoch checkpoint is
+    refused under another ``accum_steps`` (CheckpointError).
     """
     if ckpt.get("format") == WEIGHTS_FORMAT:
         raise CheckpointError(f"a {BEST} holds weights only; resume from the run's {LAST}")
     if ckpt.get("format") != TRAINING_FORMAT:
         raise CheckpointError(
             f"not a powergrad training checkpoint (format {ckpt.get('format')!r})"
+        )
+    saved_accum = ((ckpt.get("config") or {}).get("trainer") or {}).get("accum_steps", 1)
+    if ckpt["batch"] and saved_accum != accum_steps:
+        # batch counts loader batches of global / (world size x accum_steps) images: another
+        # accum_steps would continue from another image of the epoch.
+        raise CheckpointError(
+            f"{LAST} was written mid-epoch with trainer.accum_steps={saved_accum}; resume with "
+            f"trainer.accum_steps={saved_accum} (it may change at an epoch end)"
         )
     rank = pgdist.rank()
     unwrap_model(model).load_state_dict(ckpt["model"])

@@ -177,3 +177,42 @@ def test_sigkill_mid_epoch_then_resume_with_accumulation_is_exact(folder, tmp_pa
     assert a["step"] == b["step"] == 6
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+
+
+def test_a_mid_epoch_checkpoint_resumes_only_under_its_accum_steps(tmp_path):
+    from powergrad import checkpoint
+    from powergrad.checkpoint import CheckpointError
+    from powergrad.models import build_model
+
+    args = [
+        "data=synthetic",
+        "data.num_classes=4",
+        "data.image_size=32",
+        "data.synthetic_train_images=64",
+        "data.synthetic_val_images=16",
+        "model=resnet18_nonorm",
+        "trainer.batch_size=16",
+        "trainer.epochs=1",
+        "trainer.warmup_epochs=0",
+        "trainer.device=cpu",
+        "trainer.threads=1",
+        "trainer.progress=false",
+        "trainer.accum_steps=2",
+        "logger=none",
+    ]
+    train_in_process(tmp_path / "run", *args)
+    ckpt = checkpoint.load(tmp_path / "run" / "last.pt")
+    ckpt["batch"] = 2  # as a checkpoint written after the first optimizer step of an epoch
+    model = build_model("resnet18_nonorm", 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(CheckpointError, match=r"resume with trainer\.accum_steps=2"):
+        checkpoint.restore(
+            ckpt,
+            model=model,
+            optimizer=optimizer,
+            scaler=torch.amp.GradScaler("cpu", enabled=False),
+            scheduler=None,
+            meter=None,
+            loader=None,
+            accum_steps=1,
+        )
