@@ -360,7 +360,9 @@ def _check_init(model: DictConfig) -> None:
     from powergrad.models import pretrained_file
 
     if model.init and model.pretrained:
-        raise ConfigError("model.init=PATH and model.pretrained=true both set the weights; pick one")
+        raise ConfigError(
+            "model.init=PATH and model.pretrained=true both set the weights; pick one"
+        )
     if model.init and not Path(str(model.init)).expanduser().is_file():
         raise ConfigError(f"model.init={model.init}: no such file")
     if model.pretrained and pretrained_file(model.name) is None:
