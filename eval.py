@@ -10,6 +10,7 @@ statistics and the image count as JSON, and writes them beside the checkpoint
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from powergrad import checkpoint
+from powergrad import checkpoint, resources
 from powergrad import distributed as pgdist
 from powergrad.checkpoint import CheckpointError
 from powergrad.config import ConfigError, register_configs, validate_eval, with_saved_values
@@ -68,7 +69,9 @@ def run_eval(cfg: DictConfig) -> dict:
         device=dist.device,
         seed=cfg.seed,
     )
-    loaders = build_loaders(OmegaConf.to_object(cfg.data), OmegaConf.to_object(cfg.loader), shard)
+    _, workers = resources.resolve(None, cfg.loader.workers, accelerator=dist.device.type != "cpu")
+    loader_cfg = dataclasses.replace(OmegaConf.to_object(cfg.loader), workers=workers)
+    loaders = build_loaders(OmegaConf.to_object(cfg.data), loader_cfg, shard)
     model = build_model(cfg.model.name, loaders.num_classes, drop_rate=cfg.model.drop_rate)
     try:
         load_state_dict_strict(model, load_timm_checkpoint(path), source=str(path))

@@ -10,6 +10,13 @@ schedule, loss, clipper and tracker, restore a checkpoint when continuing, then 
 
 from __future__ import annotations
 
+import os
+
+# Before torch is imported (libgomp reads it once): idle OpenMP threads sleep instead of
+# spinning, so 2 intra-op threads beside a loader worker do not thrash (powergrad.resources).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -22,7 +29,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from timm.utils import ModelEmaV3
 
-from powergrad import checkpoint, rundir
+from powergrad import checkpoint, resources, rundir
 from powergrad import distributed as pgdist
 from powergrad.checkpoint import (
     BEST,
@@ -97,7 +104,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     dist = pgdist.setup(cfg.trainer.device)
     cfg, run_dir, resume, changes = settle_run_dir(cfg, dist)
     t, device = cfg.trainer, dist.device
-    checkpoint.configure_runtime(t.threads, t.deterministic)
+    threads, workers = resources.resolve(
+        t.threads, cfg.loader.workers, accelerator=device.type != "cpu"
+    )
+    checkpoint.configure_runtime(threads, t.deterministic)
     checkpoint.seed_everything(cfg.seed)
     ckpt = checkpoint.load(run_dir / LAST) if resume else None
 
@@ -109,9 +119,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         device=device,
         seed=cfg.seed,
     )
-    loaders = build_loaders(
-        OmegaConf.to_object(cfg.data), OmegaConf.to_object(cfg.loader), shard, run_dir=run_dir
-    )
+    loader_cfg = dataclasses.replace(OmegaConf.to_object(cfg.loader), workers=workers)
+    loaders = build_loaders(OmegaConf.to_object(cfg.data), loader_cfg, shard, run_dir=run_dir)
     if ckpt and (change := file_list_change(ckpt.get("file_list"), loaders.file_list_digest())):
         print(f"warning: {change}", file=sys.stderr)
     model = build_model(

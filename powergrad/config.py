@@ -165,8 +165,9 @@ class TrainerConfig:
     compile: bool = False
     # auto: CUDA when available, else CPU.
     device: str = "auto"
-    # CPU intra-op threads (torch.set_num_threads); null leaves torch's default.
-    threads: int | None = None
+    # CPU intra-op threads (torch.set_num_threads): auto (powergrad.resources.auto_threads: the
+    # rank's share of the cores this process may use), an int, or null for torch's default.
+    threads: Any = "auto"
     # torch.use_deterministic_algorithms + no cudnn autotuning (slower on GPU).
     deterministic: bool = False
     # Also checkpoint every N optimizer steps inside an epoch (0: only at epoch ends).
@@ -474,6 +475,11 @@ def validate_train(cfg: DictConfig, world_size: int | None = None) -> None:
     _choices(cfg.logger.log_checkpoints, LOG_CHECKPOINTS, "logger.log_checkpoints")
     t = cfg.trainer
     _check_precision(t.precision, t.device)
+    if not (t.threads in ("auto", None) or (isinstance(t.threads, int) and t.threads >= 1)):
+        raise ConfigError(f"trainer.threads={t.threads!r}: must be auto, null or an int >= 1")
+    w = cfg.loader.workers
+    if not (w == "auto" or (isinstance(w, int) and w >= 0)):
+        raise ConfigError(f"loader.workers={w!r}: must be auto or an int >= 0")
     if t.epochs < 1:
         raise ConfigError(f"trainer.epochs={t.epochs}: must be >= 1")
     if t.batch_size < 1:

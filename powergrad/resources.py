@@ -27,6 +27,7 @@ __all__ = [
     "cgroup_cpu_limit",
     "cores_per_rank",
     "local_world_size",
+    "resolve",
 ]
 
 # CPU training: one loader worker per this many cores of the rank's share (see auto_workers).
@@ -137,3 +138,14 @@ def auto_threads(
     if accelerator:
         return 1
     return _share(world_size_on_node, cores)
+
+
+def resolve(threads: int | str | None, workers: int | str, *, accelerator: bool) -> tuple:
+    """``(trainer.threads, loader.workers)`` with ``auto`` replaced by :func:`auto_threads` /
+    :func:`auto_workers` for this node's ranks; other values pass through."""
+    ranks = local_world_size()
+    if threads == "auto":
+        threads = auto_threads(ranks, accelerator=accelerator)
+    if workers == "auto":
+        workers = auto_workers(ranks, accelerator=accelerator)
+    return threads, workers

@@ -150,7 +150,9 @@ def build_ours(cfg: DictConfig, run_dir: Path) -> tuple[Ours, Callable[[], None]
     checkpoint.seed_everything(cfg.seed)  # the same initial weights for every variant
     dist = pgdist.setup(t.device)
     shard = Shard(batch_size=t.batch_size, rank=0, world_size=1, device=dist.device, seed=cfg.seed)
-    loaders = build_loaders(OmegaConf.to_object(cfg.data), OmegaConf.to_object(cfg.loader), shard)
+    loader_cfg = OmegaConf.to_object(cfg.loader)  # synthetic data: workers are not used
+    loader_cfg.workers = 0
+    loaders = build_loaders(OmegaConf.to_object(cfg.data), loader_cfg, shard)
     model = build_model(cfg.model.name, loaders.num_classes, drop_rate=cfg.model.drop_rate)
     model = model.to(dist.device, memory_format=torch.channels_last if t.channels_last else None)
     optimizer = build_optimizer(

@@ -4,6 +4,7 @@ where one process's loaders run."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -84,8 +85,9 @@ class LoaderConfig:
     """How to read it (Hydra group `loader`); synthetic data ignores it."""
 
     backend: str = "dali"
-    # DALI CPU threads / torch worker processes, per rank.
-    workers: int = 2
+    # DALI CPU threads / torch worker processes, per rank; "auto": powergrad.resources.auto_workers
+    # (the entry points resolve it before building loaders).
+    workers: Any = "auto"
     # Batches prepared ahead: DALI prefetch_queue_depth / torch prefetch_factor.
     prefetch: int = 2
     # torch only: pin host memory for faster host-to-GPU copies (ignored without CUDA).
@@ -94,8 +96,8 @@ class LoaderConfig:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"loader.backend={self.backend!r}: expected one of {BACKENDS}")
-        if self.workers < 0:
-            raise ValueError(f"loader.workers={self.workers}: must be >= 0")
+        if self.workers != "auto" and not (isinstance(self.workers, int) and self.workers >= 0):
+            raise ValueError(f"loader.workers={self.workers!r}: must be auto or an int >= 0")
         if self.prefetch < 1:
             raise ValueError(f"loader.prefetch={self.prefetch}: must be >= 1")
 
