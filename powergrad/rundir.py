@@ -67,6 +67,10 @@ EXPERIMENT_KEYS = (
     "seed",
     "trainer.epochs",
     "trainer.batch_size",
+    "trainer.accum_steps",  # BN statistics follow the micro-batch
+    "trainer.mixup_alpha",
+    "trainer.cutmix_alpha",
+    "trainer.ema_decay",
     "trainer.warmup_epochs",
     "trainer.precision",
 )

@@ -3,22 +3,12 @@ RUN_DIR/train.log (Hydra's job log) through the ``powergrad`` logger."""
 
 import re
 
+from conftest import TINY as CONFTEST_TINY
 from conftest import run_train
 
 TINY = [
-    "data=synthetic",
-    "data.num_classes=4",
-    "data.image_size=32",
-    "data.synthetic_train_images=32",
-    "data.synthetic_val_images=16",
-    "model=resnet18_nonorm",
-    "trainer.batch_size=16",
-    "trainer.epochs=2",
-    "trainer.warmup_epochs=0",
-    "trainer.device=cpu",
-    "trainer.threads=1",
+    *(o for o in CONFTEST_TINY if o not in ("trainer.progress=false",)),
     "trainer.log_every_steps=1",
-    "logger=none",
 ]
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_train, run_train
+from conftest import TINY, compose_train, run_train
 
 from powergrad import checkpoint
 from powergrad.checkpoint import NonFiniteError, TrainState
@@ -25,21 +25,6 @@ from powergrad.rundir import claim, resume_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # 2 steps an epoch on 32 random 32x32 images: a run of a few epochs takes seconds.
-TINY = [
-    "data=synthetic",
-    "data.num_classes=4",
-    "data.image_size=32",
-    "data.synthetic_train_images=32",
-    "data.synthetic_val_images=16",
-    "model=resnet18_nonorm",
-    "trainer.batch_size=16",
-    "trainer.epochs=2",
-    "trainer.warmup_epochs=0",
-    "trainer.device=cpu",
-    "trainer.threads=1",
-    "trainer.progress=false",
-    "logger=none",
-]
 
 
 def _train(run_dir, *args, cwd):

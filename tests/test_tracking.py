@@ -3,6 +3,8 @@
 import json
 
 import pytest
+from conftest import TINY as CONFTEST_TINY
+from conftest import train_in_process
 from omegaconf import OmegaConf
 from wandb_offline import read_offline_run
 
@@ -201,18 +203,7 @@ def test_summary_and_best_names():
 
 
 TINY = [
-    "data=synthetic",
-    "data.num_classes=4",
-    "data.image_size=32",
-    "data.synthetic_train_images=32",
-    "data.synthetic_val_images=16",
-    "model=resnet18_nonorm",
-    "trainer.batch_size=16",
-    "trainer.epochs=2",
-    "trainer.warmup_epochs=0",
-    "trainer.device=cpu",
-    "trainer.threads=1",
-    "trainer.progress=false",
+    *(o for o in CONFTEST_TINY if o not in ("logger=none",)),
     "logger=wandb",
     "logger.mode=offline",
 ]
@@ -220,8 +211,6 @@ TINY = [
 
 @pytest.mark.parametrize("kind", ["best", "last"])
 def test_a_run_names_itself_shares_its_job_type_and_uploads_its_checkpoint(tmp_path, kind):
-    from conftest import train_in_process
-
     from powergrad.tracking import config_key
 
     run_dir = tmp_path / "run"
