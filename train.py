@@ -408,7 +408,9 @@ def main(cfg: DictConfig) -> float | None:
         pgdist.cleanup()
         exit_for_requeue(e)
     finally:
-        pgdist.cleanup()
+        # A multirun's jobs share the process (and its process group): leave it at exit.
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            pgdist.cleanup()
 
 
 if __name__ == "__main__":

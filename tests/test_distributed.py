@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY
 
 from powergrad import distributed as pgdist
 from powergrad.data.digits import materialize_digits
@@ -133,3 +134,26 @@ def test_two_rank_torchrun_matches_one_process_with_the_same_global_batch(tmp_pa
     assert sb["world_size"] == 2 and sb["batch_size"] == 64
     assert sa["train_loss"] == pytest.approx(sb["train_loss"], rel=1e-4)
     assert sa["val_loss"] == pytest.approx(sb["val_loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_two_rank_torchrun_multirun_uses_one_sweep_directory(tmp_path):
+    # Every rank runs Hydra's launcher; ranks > 0 used to create their own pid-stamped
+    # multirun/DATE/TIME_PID-RAND folders. Rank 0's is the sweep's, the others go to a temp dir.
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    tiny = [o for o in TINY if not o.startswith("trainer.batch_size")]
+    proc = subprocess.run(
+        [*torchrun, str(ROOT / "train.py"), "-m", *tiny, "trainer.batch_size=16", "seed=0,1"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    sweeps = [p for p in (tmp_path / "multirun").glob("*/*") if p.is_dir()]
+    assert len(sweeps) == 1, sweeps
+    summaries = sorted(sweeps[0].glob("*/summary.json"))
+    assert len(summaries) == 2
+    assert {json.loads(p.read_text())["world_size"] for p in summaries} == {2}
+    assert not (tmp_path / "outputs").exists()
