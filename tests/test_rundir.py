@@ -5,7 +5,7 @@ powergrad.rundir existed; they run train.py / eval.py as a user does, on tiny sy
 """
 
 import json
-import os
+import random
 import signal
 import stat
 import subprocess
@@ -215,7 +215,11 @@ def test_clean_errors_for_bad_resume_targets_and_checkpoints(finished_run, tmp_p
     missing = tmp_path / "outputs" / "no-such-run"
     _refused(run_train([f"trainer.resume={missing}"], tmp_path), "not a powergrad run directory")
     assert not missing.exists()  # what Hydra created for it is removed again
-    for name, data in (("empty", b""), ("truncated", None), ("random", os.urandom(4096))):
+    for name, data in (
+        ("empty", b""),
+        ("truncated", None),
+        ("random", random.Random(0).randbytes(4096)),
+    ):
         run_dir = tmp_path / name
         run_dir.mkdir()
         for f in ("config.yaml", "metrics.jsonl"):
