@@ -210,6 +210,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             print(f"continuing with changed settings: {'; '.join(changes)}", file=sys.stderr)
             tracker.record_changes(state.step, changes)
 
+    # Checkpoints are written on a background thread (serialization + fsync overlap training).
+    writer = checkpoint.Writer()
+
     def save(best: bool = False) -> None:
         checkpoint.save(
             run_dir,
@@ -226,6 +229,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             file_list=file_list,
             best=best,
             ema=ema,
+            writer=writer,
         )
 
     def validate(module: torch.nn.Module) -> dict[str, float]:
@@ -282,6 +286,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                         save()
                     if watcher.should_stop(state.step):
                         save()
+                        writer.wait()
                         watcher.stop(run_dir, state.step)  # raises Preempted
 
                 check_finite(meter, state, skipped_by_scaler=scaler.is_enabled())
@@ -321,8 +326,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 save(best=ranks)
                 # A signal during evaluation: the checkpoint above is the one to resume from.
                 if state.epoch < t.epochs and watcher.should_stop(None):
+                    writer.wait()
                     watcher.stop(run_dir, state.step)  # raises Preempted
+            writer.wait()  # the last checkpoint is on disk before the run reports success
     except NonFiniteError as e:
+        _wait_quietly(writer)
         tracker.finish(exit_code=1)
         last = run_dir / LAST
         where = f"last good checkpoint: {last}" if last.exists() else "no checkpoint was written"
@@ -334,6 +342,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         tracker.finish(exit_code=1, preempted=True)
         raise
     except BaseException:
+        _wait_quietly(writer)
         tracker.finish(exit_code=1)
         raise
     finally:
@@ -347,6 +356,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if dist.is_main:
         (run_dir / MARKER).unlink(missing_ok=True)  # finished: a later start must not resume
     return summary
+
+
+def _wait_quietly(writer: checkpoint.Writer) -> None:
+    """Let the checkpoint write in flight finish; the error being raised is the one to report."""
+    try:
+        writer.wait()
+    except Exception as e:
+        print(f"warning: the last checkpoint write failed too: {e}", file=sys.stderr)
 
 
 def summarize(cfg, state, dist, train_images, tracker, sha, run_dir) -> dict[str, Any]:

@@ -27,12 +27,16 @@ class DiskFullError(OSError):
     """No space left while writing a file; the previous version of the file is intact."""
 
 
-def _umask() -> int:
-    # os.umask can only be read by setting it; set it back at once (process-wide, no threads
-    # write files between these two calls in this project).
+def _read_umask() -> int:
+    # os.umask can only be read by setting it; set it back at once. Read once, at import (one
+    # thread): checkpoints are written on a background thread while the main thread writes
+    # other files, and a file opened between the two calls would get the wrong mode.
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None] | bytes | str) -> None:
@@ -49,7 +53,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None] | b
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             if callable(write):
                 write(f)
