@@ -2,19 +2,23 @@
 
 Both read the same generated ImageNet-like folder (500x375 JPEGs, quality 90) through
 powergrad.data.build_loaders with the same augmentations (random-resized crop to 224, flip,
-normalize) and the same number of threads (DALI threads = torch worker processes). Each backend
-runs one warm-up epoch (pipeline build, worker start-up), then --epochs timed epochs; the
-backends alternate epoch by epoch so machine noise hits them alike. Reported: images/s per
-backend and the DALI-CPU / torch ratio; DALI mixed (nvJPEG + GPU operators) too where CUDA is
-present.
+normalize) and the same number of threads (DALI threads = torch worker processes). Each round
+builds each backend's loaders afresh, runs one untimed warm-up epoch (pipeline build, worker
+start-up), then times --epochs consecutive epochs as one block, the gaps between epochs included
+(where DALI builds the next epoch's pipeline); the backends alternate by round, the order
+rotating, and a backend's loaders are torn down before the other's block starts, so neither
+works during the other's clock. Reported: images/s per backend (median over rounds), and the
+DALI-CPU / torch ratio as the geometric mean of the per-round ratios with a 95% t-interval;
+DALI mixed (nvJPEG + GPU operators) too where CUDA is present.
 
 Usage: python scripts/bench_data.py [--threads 2] [--images 512] [--batch 64] [--epochs 3]
-                                    [--root DIR (reuse/keep the generated folder)]
+                                    [--rounds 3] [--root DIR (reuse/keep the generated folder)]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -27,6 +31,8 @@ import torch
 
 # Running as `python scripts/bench_data.py` from the repo root: make `powergrad` importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_job import ratio_ci  # scripts/ is on sys.path when run as a script
 
 from powergrad.data import DataConfig, LoaderConfig, Shard, build_loaders
 from powergrad.data.generate import write_image_folder
@@ -51,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="DALI threads = torch workers")
     parser.add_argument("--images", type=int, default=512, help="train images to generate")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per backend")
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per block")
+    parser.add_argument("--rounds", type=int, default=3, help="blocks per backend")
     parser.add_argument("--root", type=Path, help="folder to generate into / reuse")
     args = parser.parse_args(argv)
 
@@ -77,30 +84,41 @@ def main(argv: list[str] | None = None) -> int:
             LoaderConfig(backend="dali", workers=args.threads),
             torch.device("cuda"),
         )
-    loaders = {}
-    for name, (loader, device) in runs.items():
-        built = build_loaders(data, loader, Shard(args.batch, device=device))
-        timed_epoch(built.train, 0, device)  # warm-up
-        loaders[name] = built.train
     rates: dict[str, list[float]] = {name: [] for name in runs}
-    for epoch in range(1, args.epochs + 1):
-        for name, (_, device) in runs.items():
-            images, seconds = timed_epoch(loaders[name], epoch, device)
-            rates[name].append(images / seconds)
+    images_per_epoch = 0
+    for r in range(args.rounds):
+        names = list(runs)
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            loader, device = runs[name]
+            built = build_loaders(data, loader, Shard(args.batch, device=device))
+            timed_epoch(built.train, 0, device)  # warm-up
+            start, images = time.perf_counter(), 0
+            for epoch in range(1, args.epochs + 1):
+                images += timed_epoch(built.train, epoch, device)[0]
+            rates[name].append(images / (time.perf_counter() - start))
+            images_per_epoch = images // args.epochs
+            # Tear down (DALI: the pipeline built ahead for the next epoch too) before the
+            # other backend's clock starts.
+            if name.startswith("dali"):
+                built.train.close()
+            del built
+            gc.collect()
+            time.sleep(0.5)
     summary = {
         "threads": args.threads,
-        "images_per_epoch": len(loaders["torch"]) * args.batch,
+        "rounds": args.rounds,
+        "epochs_per_block": args.epochs,
+        "images_per_epoch": images_per_epoch,
         "image_size": "500x375 JPEG q90 -> 224 crops",
+        "loadavg": round(os.getloadavg()[0], 2),
     }
     for name, values in rates.items():
         summary[f"{name}_images_per_s"] = round(statistics.median(values), 1)
-    summary["ratio_dali_cpu_over_torch"] = round(
-        summary["dali_cpu_images_per_s"] / summary["torch_images_per_s"], 2
-    )
-    if "dali_mixed" in rates:
-        summary["ratio_dali_mixed_over_torch"] = round(
-            summary["dali_mixed_images_per_s"] / summary["torch_images_per_s"], 2
-        )
+    for name in ("dali_cpu", "dali_mixed"):
+        if name in rates:
+            ratio = ratio_ci(rates[name], rates["torch"])
+            summary[f"ratio_{name}_over_torch"] = round(ratio["ratio"], 2)
+            summary[f"ratio_{name}_over_torch_ci95"] = [round(x, 2) for x in ratio["ci95"]]
     print(json.dumps(summary))
     if tmp is not None:
         tmp.cleanup()

@@ -91,6 +91,25 @@ def test_deterministic_epochs_and_resume_from_start_batch(digits_cfg, backend):
     assert not torch.equal(next(iter(other.train.epoch(1)))[1], full1[1][0])
 
 
+def test_dali_pipeline_built_ahead_gives_the_fresh_epoch(digits_cfg):
+    """Epoch 1's pipeline is built on a thread while epoch 0 ends; its batches are those of a
+    pipeline built for epoch 1 alone, bitwise; a resume mid-epoch does not use it."""
+    a = build(digits_cfg, "dali", batch_size=96)
+    collect(a.train.epoch(0))
+    assert a.train._ahead is not None and a.train._ahead[0] == 1
+    ahead = collect(a.train.epoch(1))
+    fresh = collect(build(digits_cfg, "dali", batch_size=96).train.epoch(1))
+    assert len(ahead[0]) == len(fresh[0]) == len(a.train)
+    for p, q in zip(ahead[0] + ahead[1], fresh[0] + fresh[1], strict=True):
+        assert torch.equal(p, q)
+    assert a.train._ahead[0] == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # replaying batches 0..3
+        tail = collect(a.train.epoch(2, start_batch=4))
+    full = collect(build(digits_cfg, "dali", batch_size=96).train.epoch(2))
+    assert all(torch.equal(p, q) for p, q in zip(full[0][4:], tail[0], strict=True))
+
+
 def test_dali_checkpoint_resume_through_torch_save(digits_cfg):
     """state_dict after batch k survives torch.save / load(weights_only=True) and restores the
     DALI pipeline so that epoch(e, k + 1) continues bitwise."""

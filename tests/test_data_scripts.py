@@ -172,7 +172,9 @@ def test_bench_data_prints_ratio(tmp_path):
             "--batch",
             "8",
             "--epochs",
-            "1",
+            "2",
+            "--rounds",
+            "2",
         ],
         cwd=REPO,
         env=env,
@@ -184,3 +186,6 @@ def test_bench_data_prints_ratio(tmp_path):
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["dali_cpu_images_per_s"] > 0 and summary["torch_images_per_s"] > 0
     assert summary["ratio_dali_cpu_over_torch"] > 0 and summary["threads"] == 2
+    low, high = summary["ratio_dali_cpu_over_torch_ci95"]
+    assert 0 < low <= summary["ratio_dali_cpu_over_torch"] <= high
+    assert summary["images_per_epoch"] == 32 and summary["rounds"] == 2

@@ -5,7 +5,12 @@ Train: every epoch builds a fresh pipeline over that epoch's file order (the glo
 of powergrad.data.sampling, also used by the torch backend), read in order by
 fn.readers.file(files=..., shard_id=rank, num_shards=world_size), with operator seeds derived
 from (seed, epoch, rank). So epoch e's batches depend on (seed, e, rank, world_size) only, never
-on earlier epochs having run. The pipeline has DALI checkpointing enabled: `state_dict` saves the
+on earlier epochs having run. Epoch e + 1's pipeline is built on a thread once epoch e's reader
+has scheduled its last batch (loader.prefetch batches before its end), so its build and first
+batches overlap the end of epoch e (and the evaluation after it) instead of stalling the next
+epoch's first step; until epoch e ends two pipelines are alive (memory: one more pipeline's
+buffers). After the last epoch the one built ahead is not used (a few batches decoded for
+nothing, once per run). The pipeline has DALI checkpointing enabled: `state_dict` saves the
 pipeline + iterator checkpoint after the last batch handed out, and a pipeline rebuilt from it
 continues with the next batch bit-for-bit. Without a matching checkpoint, `epoch(e, k)` replays
 and discards batches 0..k-1 (same result, costs their decode time).
@@ -30,7 +35,9 @@ decode scan (scripts/check_dataset.py -> ROOT/bad_files.tsv) keeps them out of a
 from __future__ import annotations
 
 import base64
+import contextlib
 import re
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -193,28 +200,33 @@ class DaliTrainLoader:
         self._resume: dict = {}
         # Listing indices of files found unreadable during the run (this rank).
         self._bad: set[int] = set()
+        # The next epoch's pipeline, being built on a thread: (epoch, bad files it skips,
+        # thread, {"iterator": ...} once built).
+        self._ahead: tuple[int, frozenset[int], threading.Thread, dict] | None = None
 
-    def _substitute(self, index: int) -> int:
-        """`index`, or the next listing index (cyclically) not known to be unreadable."""
+    def _substitute(self, index: int, bad: frozenset[int]) -> int:
+        """`index`, or the next listing index (cyclically) not in `bad`."""
         n = len(self.files)
         for step in range(n):
             j = (index + step) % n
-            if j not in self._bad:
+            if j not in bad:
                 return j
         raise self.bad_log.too_many(self.files[index])
 
     def __len__(self) -> int:
         return self.steps
 
-    def _build(self, epoch: int, checkpoint: bytes | None) -> DALIGenericIterator:
+    def _build(
+        self, epoch: int, checkpoint: bytes | None, bad: frozenset[int]
+    ) -> DALIGenericIterator:
         # Cut to full global batches and laid out so the reader's contiguous shard r holds rank
         # r's slice of every global batch (see powergrad.data.sampling).
         s = self.shard
         order = sharded_order(
             epoch_permutation(len(self.files), s.seed, epoch), s.batch_size, s.world_size
         )
-        if self._bad:
-            order = [self._substitute(int(i)) for i in order]
+        if bad:
+            order = [self._substitute(int(i), bad) for i in order]
         pipe = train_pipeline(
             [self.files[i] for i in order],
             [self.labels[i] for i in order],
@@ -230,6 +242,36 @@ class DaliTrainLoader:
         return DALIGenericIterator(
             pipe, _OUTPUTS, reader_name="Reader", last_batch_policy=LastBatchPolicy.DROP
         )
+
+    def _build_ahead(self, epoch: int) -> None:
+        """Start building `epoch`'s pipeline (from its first batch) on a thread."""
+        bad, built = frozenset(self._bad), {}
+
+        def build() -> None:
+            # A failure (e.g. a bad file in its first batch) is left to epoch(), which
+            # rebuilds the pipeline and handles the error there.
+            with contextlib.suppress(Exception):
+                built["iterator"] = self._build(epoch, None, bad)
+
+        # Not a daemon: an interpreter exiting meanwhile lets the build finish first.
+        thread = threading.Thread(target=build, name=f"dali-epoch-{epoch}")
+        thread.start()
+        self._ahead = (epoch, bad, thread, built)
+
+    def _take_ahead(self, epoch: int) -> DALIGenericIterator | None:
+        """The pipeline built ahead, if it is `epoch`'s and skips today's bad files."""
+        if self._ahead is None:
+            return None
+        (ahead_epoch, bad, thread, built), self._ahead = self._ahead, None
+        thread.join()
+        if ahead_epoch == epoch and bad == frozenset(self._bad):
+            return built.get("iterator")
+        return None
+
+    def close(self) -> None:
+        """Drop the pipeline built ahead for the next epoch (its threads stop working now, not
+        when the loader is garbage collected); the next epoch() builds its own."""
+        self._take_ahead(-1)
 
     def epoch(
         self, epoch: int, start_batch: int = 0
@@ -251,7 +293,10 @@ class DaliTrainLoader:
                 f"called with one): replaying and discarding {start_batch} batches",
                 stacklevel=2,
             )
-        self._iterator = None  # built in the loop: DALI's iterator reads a batch when created
+        # Built ahead during the previous epoch, else in the loop (DALI's iterator reads a batch
+        # when created).
+        ahead = self._take_ahead(epoch)
+        self._iterator = ahead if start_batch == 0 else None
         self._checkpoint = checkpoint
         if self._bad:  # files known bad are replaced up front: count the samples they cost
             s = self.shard
@@ -269,7 +314,7 @@ class DaliTrainLoader:
                 try:
                     if self._iterator is None:
                         # The epoch order (known bad files replaced), from the last batch read.
-                        self._iterator = self._build(epoch, self._checkpoint)
+                        self._iterator = self._build(epoch, self._checkpoint, frozenset(self._bad))
                     batch = next(self._iterator)
                 except RuntimeError as e:
                     path = self._skip_failed(e, epoch)  # raises unless the file can be skipped
@@ -280,6 +325,10 @@ class DaliTrainLoader:
                 rebuilds = 0
                 self._checkpoint = self._iterator.checkpoints()[0]
                 self._next_batch += 1
+                if self._next_batch == max(1, self.steps - self.loader.prefetch):
+                    # This epoch's reader has scheduled its last batch: its threads run idle
+                    # from here on, the next epoch's can start.
+                    self._build_ahead(epoch + 1)
                 if self._next_batch > start_batch:
                     yield _to_contract(batch, self.shard.device)
         finally:
