@@ -1,30 +1,35 @@
 """Benchmark the whole main job end to end: train.py vs the plain script vs train.py bare.
 
-Three variants of the main job's recipe (ResNet-18, digits, batch 128, the same workers and
-threads) run as separate processes, alternating within each round (the order rotates per
-round, so no variant always runs first on a shared machine):
+Variants of the main job's recipe (ResNet-18, digits, batch 128, the same workers and threads)
+run as separate processes, alternating within each round (the order rotates per round, so no
+variant always runs first on a shared machine):
 
   a  train.py as a user runs it: the defaults, logger=none, trainer.epochs=N and a temporary
      hydra.run.dir (checkpoints every epoch, val every epoch).
   b  scripts/plain_train.py: torchvision ImageFolder + PIL, timm resnet18, the same recipe,
      per-epoch val, no checkpoints.
-  c  (a) with checkpoints and evaluation off. train.py has no option for either (issue 14: add
-     trainer.checkpoint=false); here powergrad.checkpoint.save is replaced by a no-op and
-     trainer.eval_every_epochs=10**6 leaves only the last epoch's val.
+  c  (a) with checkpoints and evaluation off: powergrad.checkpoint.save is replaced by a no-op
+     and trainer.eval_every_epochs=10**6 leaves only the last epoch's val.
+  d  (a) with loader=dali (DALI's CPU operators here; run it with --variants a,d or a,b,c,d).
+
+--threads / --workers default to `auto`, resolved as train.py resolves them
+(powergrad.resources), and (b) gets the same numbers and OMP_WAIT_POLICY=PASSIVE (which
+train.py sets for itself), so the plain script runs with the same CPU budget.
 
 (a) and (c) run train.py through a small runner (runpy, the same ``__main__``) that only adds
 wall-clock stamps: when each epoch's training starts and when its record is logged, and the time
-spent in checkpoint.save, evaluate and waiting for the loader. Their per-epoch train images/s
+spent in checkpoint.save (its blocking part: the host copy, and waiting for the previous
+background write), evaluate and waiting for the loader. Their per-epoch train images/s
 is train.py's own (metrics.jsonl), (b)'s the same quantity (train images / train-loop seconds).
-Steady-state values are medians over epochs 2..N (epoch 1 forks the loader workers). Ratios a/b
-and a/c are per round (the two ran back to back), summarized as the geometric mean with a 95%
+Steady-state values are medians over epochs 2..N (epoch 1 forks the loader workers). Ratios a/b,
+a/c and d/a are per round (the two ran back to back), summarized as the geometric mean with a 95%
 t-interval over rounds. Peak memory is the summed PSS of the process tree, sampled every 0.25 s
 (scripts/bench_train.py --rss's method).
 
 Writes results/bench/bench_job.json and .md (the command, git SHA, load, per-round data).
 
 Usage: python scripts/bench_job.py [--epochs 4] [--rounds 3] [--variants a,b,c]
-       [--threads 1] [--workers 2] [--out results/bench] [-- EXTRA train.py overrides]
+       [--threads auto] [--workers auto] [--out results/bench] [-- EXTRA train.py overrides]
        python scripts/bench_job.py --main-job --name main_job [-- EXTRA train.py overrides]
            (the README main job once, two runs of 30 epochs, as `train.py -m` runs it)
 """
@@ -46,6 +51,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Running as `python scripts/bench_job.py` from the repo root: make `powergrad` importable.
+sys.path.insert(0, str(ROOT))
+
+from powergrad import resources  # noqa: E402
 
 DEFAULT_BATCH = 128  # trainer.batch_size's default (configs/trainer/default.yaml)
 
@@ -53,6 +62,7 @@ VARIANTS = {
     "a": "train.py (defaults, logger=none)",
     "b": "plain_train.py (ImageFolder + PIL)",
     "c": "train.py, no checkpoints, no per-epoch eval",
+    "d": "train.py loader=dali",
 }
 
 # Runs train.py as `python train.py ARGS` would (runpy, __main__), adding wall-clock stamps.
@@ -63,7 +73,7 @@ def stamp(ev, **kw):
     _out.write(json.dumps({"ev": ev, "t": time.time(), **kw}) + "\n")
 stamp("python_start")
 import powergrad.checkpoint, powergrad.engine, powergrad.tracking
-from powergrad.data import torch_backend
+from powergrad.data import dali_backend, torch_backend
 stamp("imported")
 def timed(fn, ev):
     def wrapper(*a, **k):
@@ -88,19 +98,21 @@ def log_epoch(self, history):
     _log(self, history)
     stamp("epoch_logged")
 powergrad.tracking.Tracker.log_epoch = log_epoch
-_epoch = torch_backend.TorchTrainLoader.epoch
-def epoch(self, *a, **k):
-    it, wait = _epoch(self, *a, **k), 0.0
-    while True:
-        t0 = time.perf_counter()
-        try:
-            batch = next(it)
-        except StopIteration:
-            stamp("loader_wait", s=wait)
-            return
-        wait += time.perf_counter() - t0
-        yield batch
-torch_backend.TorchTrainLoader.epoch = epoch
+def waited(_epoch):
+    def epoch(self, *a, **k):
+        it, wait = _epoch(self, *a, **k), 0.0
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                stamp("loader_wait", s=wait)
+                return
+            wait += time.perf_counter() - t0
+            yield batch
+    return epoch
+for _cls in (torch_backend.TorchTrainLoader, dali_backend.DaliTrainLoader):
+    _cls.epoch = waited(_cls.epoch)
 sys.argv = [os.path.join(os.getcwd(), "train.py"), *sys.argv[1:]]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -190,6 +202,8 @@ def train_cmd(variant: str, args: argparse.Namespace, run_dir: Path) -> list[str
     out += args.extra
     if variant == "c":
         out.append("trainer.eval_every_epochs=1000000")
+    if variant == "d":
+        out.append("loader=dali")
     return out
 
 
@@ -205,12 +219,14 @@ def run_variant(variant: str, args, tmp: Path, index: int, env: dict | None = No
     """
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT), **(env or {})}
     if variant == "b":
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py sets it for itself
+        threads, workers = resources.resolve(args.threads, args.workers, accelerator=False)
         cmd = [
             sys.executable,
             "scripts/plain_train.py",
             f"--epochs={args.epochs}",
-            f"--threads={args.threads}",
-            f"--workers={args.workers}",
+            f"--threads={threads}",
+            f"--workers={workers}",
             f"--batch-size={args.batch_size}",
         ]
         if args.root:
@@ -309,7 +325,7 @@ def summarize(runs: dict[str, list[dict]], epochs: int, job_epochs: int = 30) ->
             if k in rs[0]:
                 med[k] = statistics.median(r[k] for r in rs)
         out["variants"][v] = med
-    for num, den in (("a", "b"), ("a", "c")):
+    for num, den in (("a", "b"), ("a", "c"), ("d", "a")):
         if num in runs and den in runs:
             pair: dict = {}
             for key, higher_better in (
@@ -319,7 +335,7 @@ def summarize(runs: dict[str, list[dict]], epochs: int, job_epochs: int = 30) ->
             ):
                 x = [r[key] for r in runs[num]]
                 y = [r[key] for r in runs[den]]
-                # Speed ratios: > 1 means a is faster (images/s a/b; times b/a).
+                # Speed ratios: > 1 means num is faster (images/s num/den; times den/num).
                 pair[key] = ratio_ci(x, y) if higher_better else ratio_ci(y, x)
             out["ratios"][f"{num}/{den}"] = pair
     return out
@@ -351,7 +367,8 @@ def table(summary: dict, meta: dict) -> str:
         )
     lines += [
         "",
-        "Speed ratios (> 1: a faster), geometric mean over rounds [95% t-interval]:",
+        "Speed ratios (> 1: the first named is faster), geometric mean over rounds "
+        "[95% t-interval]:",
         "",
         "| ratio | train img/s | epoch wall | whole wall |",
         "|---|---|---|---|",
@@ -394,13 +411,17 @@ def main_job(args: argparse.Namespace, meta: dict) -> dict:
     return out
 
 
+def _auto_or_int(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--variants", default="a,b,c")
-    ap.add_argument("--threads", type=int, default=1, help="train.py's default: 1")
-    ap.add_argument("--workers", type=int, default=2, help="loader.workers' default: 2")
+    ap.add_argument("--threads", default="auto", type=_auto_or_int, help="trainer.threads")
+    ap.add_argument("--workers", default="auto", type=_auto_or_int, help="loader.workers")
     ap.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
     ap.add_argument("--root", help="dataset folder (default: the digits folder)")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench"), help="'' to not write")
@@ -424,6 +445,10 @@ def main(argv: list[str] | None = None) -> dict:
         "epochs": args.epochs,
         "rounds": args.rounds,
         "threads": args.threads,
+        # what auto means here (train.py resolves it the same way)
+        "threads_workers_resolved": resources.resolve(
+            args.threads, args.workers, accelerator=False
+        ),
         "workers": args.workers,
         "cpus": len(os.sched_getaffinity(0)),
         "machine": platform.machine(),

@@ -90,14 +90,15 @@ def test_plain_train_runs_the_recipe_and_reports_each_epoch(tiny_folder):
 
 
 @pytest.mark.slow
-def test_bench_job_runs_three_variants_and_writes_the_report(tiny_folder, tmp_path):
+def test_bench_job_runs_four_variants_and_writes_the_report(tiny_folder, tmp_path):
     out = tmp_path / "bench"
-    args = ["--epochs=2", "--rounds=1", "--workers=0", "--batch-size=8", f"--root={tiny_folder}"]
+    args = ["--epochs=2", "--rounds=1", "--workers=1", "--batch-size=8", f"--root={tiny_folder}"]
+    args.append("--variants=a,b,c,d")
     report = bench_job.main([*args, f"--out={out}", "--name=t"])
     runs = report["runs"]
-    assert set(runs) == {"a", "b", "c"}
-    a, b, c = runs["a"][0], runs["b"][0], runs["c"][0]
-    for r in (a, b, c):
+    assert set(runs) == {"a", "b", "c", "d"}
+    a, b, c, d = runs["a"][0], runs["b"][0], runs["c"][0], runs["d"][0]
+    for r in (a, b, c, d):
         assert len(r["epoch_wall_s"]) == len(r["images_per_s"]) == 2
         assert r["wall_s"] > sum(r["epoch_wall_s"]) > 0
         assert r["peak_pss_mib"] > 0
@@ -108,8 +109,11 @@ def test_bench_job_runs_three_variants_and_writes_the_report(tiny_folder, tmp_pa
     assert len(c["evaluate_s"]) == 1
     assert "trainer.eval_every_epochs=1000000" in c["command"]
     assert "logger=none" in a["command"] and "trainer.eval_every" not in a["command"]
+    # d: the same run on DALI; both loaders report their wait per epoch.
+    assert "loader=dali" in d["command"] and "loader=dali" not in a["command"]
+    assert len(a["loader_wait_s"]) == len(d["loader_wait_s"]) == 2
     saved = json.loads((out / "t.json").read_text())
     # The command as typed, with the environment it ran under (e.g. OMP_WAIT_POLICY=PASSIVE).
     assert saved["meta"]["git_sha"] and "python scripts/bench_job.py" in saved["meta"]["command"]
-    assert set(saved["summary"]["ratios"]) == {"a/b", "a/c"}
+    assert set(saved["summary"]["ratios"]) == {"a/b", "a/c", "d/a"}
     assert "| a/b |" in (out / "t.md").read_text()
