@@ -236,9 +236,14 @@ def test_cpu_study_report_renders_the_committed_study(tmp_path):
     assert text == (ROOT / "results" / "cpu" / "README.md").read_text()
     for part in ("## (a)", "## (b)", "## (c)", "## The paper's claims at this scale"):
         assert part in text
-    # Every point with at least 3 seeds (the study's minimum), and the means are the runs'.
+    # Every point with 5 seeds (issue 11: n >= 5), all from one clean commit; the means are
+    # the runs'.
     points = {r["point"] for r in runs}
-    assert all(sum(r["point"] == p for r in runs) >= 3 for p in points)
+    assert all(sum(r["point"] == p for r in runs) >= 5 for p in points)
+    provenance = json.loads((ROOT / "results" / "cpu" / "provenance.json").read_text())
+    assert provenance["clean"] and len(provenance["invocations"]) == 1
+    shas = {r["summary"]["git_sha"] for r in runs if r["status"] == "ok"}
+    assert shas == {provenance["git_sha"]}
     base = [r["summary"]["val_top1"] for r in runs if r["point"] == "a_baseline"]
     stat = (statistics.fmean(base), statistics.stdev(base), len(base))
     assert "| baseline | - | " in text and fmt_ms(stat) in text
@@ -251,7 +256,8 @@ def test_cpu_study_report_renders_the_committed_study(tmp_path):
             assert "n = " in tail and "t = " in tail and "p " in tail, tail
     assert "epoch 7" in claims and "grid step" in claims  # Fig. 3c's epoch resolution
     assert "Val departs from the claim at alpha 0.5" in claims  # val loss below the baseline's
-    assert "GradScaler would have skipped" in text
+    # Diverged runs skipped non-finite steps and still diverged through finite losses.
+    assert "skip_nonfinite_steps=true" in text and "skipping steps does not prevent" in text
     for png in ("a_accuracy_loglog.png", "c_vs_alpha.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     assert list(tmp_path.glob("b_filter_norms_b*.png"))
