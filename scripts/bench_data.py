@@ -32,7 +32,7 @@ import torch
 # Running as `python scripts/bench_data.py` from the repo root: make `powergrad` importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_job import ratio_ci  # scripts/ is on sys.path when run as a script
+from bench_job import git_sha, ratio_ci  # scripts/ is on sys.path when run as a script
 
 from powergrad.data import DataConfig, LoaderConfig, Shard, build_loaders
 from powergrad.data.generate import write_image_folder
@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
             time.sleep(0.5)
     summary = {
+        "command": " ".join(["python", "scripts/bench_data.py", *(argv or sys.argv[1:])]),
+        "git_sha": git_sha(),
         "threads": args.threads,
         "rounds": args.rounds,
         "epochs_per_block": args.epochs,
