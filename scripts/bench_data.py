@@ -11,8 +11,14 @@ works during the other's clock. Reported: images/s per backend (median over roun
 DALI-CPU / torch ratio as the geometric mean of the per-round ratios with a 95% t-interval;
 DALI mixed (nvJPEG + GPU operators) too where CUDA is present.
 
+With --stages, also where DALI-CPU's time goes: the train pipeline's operators (same arguments as
+powergrad.data.dali_backend.train_pipeline) cut after each stage -- read, decode (full image),
+decode of the random crop, + resize to 224 (antialiased; and without antialiasing), + flip and
+normalize -- each timed by pipe.run() over the same batches, alternating over rounds.
+
 Usage: python scripts/bench_data.py [--threads 2] [--images 512] [--batch 64] [--epochs 3]
                                     [--rounds 3] [--root DIR (reuse/keep the generated folder)]
+                                    [--stages]
 """
 
 from __future__ import annotations
@@ -51,6 +57,66 @@ def timed_epoch(train, epoch: int, device: torch.device) -> tuple[int, float]:
     return images, time.perf_counter() - start
 
 
+def stage_rates(data: DataConfig, threads: int, batch: int, rounds: int) -> dict[str, float]:
+    """Images/s of the DALI-CPU train pipeline cut after each stage (median over rounds)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from powergrad.data.layout import check_dataset
+
+    files = check_dataset(data.root).files("train")
+
+    @pipeline_def
+    def cut(stage: str):
+        encoded, _ = fn.readers.file(files=files, random_shuffle=False, name="Reader")
+        if stage == "read":
+            return encoded
+        if stage == "decode_full":
+            return fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+        images = fn.decoders.image_random_crop(
+            encoded,
+            device="cpu",
+            output_type=types.RGB,
+            random_area=[data.crop_scale_min, 1.0],
+            random_aspect_ratio=[3 / 4, 4 / 3],
+            num_attempts=10,
+        )
+        if stage == "decode_crop":
+            return images
+        images = fn.resize(
+            images,
+            resize_x=data.image_size,
+            resize_y=data.image_size,
+            interp_type=types.INTERP_LINEAR,
+            antialias=stage != "resize_no_antialias",
+        )
+        if stage.startswith("resize"):
+            return images
+        return fn.crop_mirror_normalize(
+            images,
+            mirror=fn.random.coin_flip(probability=0.5),
+            dtype=types.FLOAT,
+            output_layout="CHW",
+            mean=[255.0 * m for m in data.mean],
+            std=[255.0 * s for s in data.std],
+        )
+
+    stages = ["read", "decode_full", "decode_crop", "resize", "resize_no_antialias", "normalize"]
+    pipes = {}
+    for stage in stages:
+        pipes[stage] = cut(stage, batch_size=batch, num_threads=threads, device_id=None, seed=1)
+        pipes[stage].build()
+    rates: dict[str, list[float]] = {stage: [] for stage in stages}
+    runs = max(1, len(files) // batch)
+    for _ in range(rounds):
+        for stage, pipe in pipes.items():
+            pipe.run()  # warm
+            start = time.perf_counter()
+            for _ in range(runs):
+                pipe.run()
+            rates[stage].append(runs * batch / (time.perf_counter() - start))
+    return {stage: round(statistics.median(v), 1) for stage, v in rates.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; prints one JSON line per backend and the ratio."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -60,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs per block")
     parser.add_argument("--rounds", type=int, default=3, help="blocks per backend")
     parser.add_argument("--root", type=Path, help="folder to generate into / reuse")
+    parser.add_argument("--stages", action="store_true", help="also time DALI-CPU per stage")
     args = parser.parse_args(argv)
 
     tmp = None
@@ -121,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
             ratio = ratio_ci(rates[name], rates["torch"])
             summary[f"ratio_{name}_over_torch"] = round(ratio["ratio"], 2)
             summary[f"ratio_{name}_over_torch_ci95"] = [round(x, 2) for x in ratio["ci95"]]
+    if args.stages:
+        summary["dali_cpu_stage_images_per_s"] = stage_rates(
+            data, args.threads, args.batch, args.rounds
+        )
     print(json.dumps(summary))
     if tmp is not None:
         tmp.cleanup()

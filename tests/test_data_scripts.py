@@ -175,6 +175,7 @@ def test_bench_data_prints_ratio(tmp_path):
             "2",
             "--rounds",
             "2",
+            "--stages",
         ],
         cwd=REPO,
         env=env,
@@ -189,3 +190,13 @@ def test_bench_data_prints_ratio(tmp_path):
     low, high = summary["ratio_dali_cpu_over_torch_ci95"]
     assert 0 < low <= summary["ratio_dali_cpu_over_torch"] <= high
     assert summary["images_per_epoch"] == 32 and summary["rounds"] == 2
+    stages = summary["dali_cpu_stage_images_per_s"]
+    assert list(stages) == [
+        "read",
+        "decode_full",
+        "decode_crop",
+        "resize",
+        "resize_no_antialias",
+        "normalize",
+    ]
+    assert all(rate > 0 for rate in stages.values())
