@@ -338,3 +338,26 @@ def test_val_interpolation_size_and_filters(photo_folder, backend):
         assert float((out[interp]["torch"] - out[interp]["dali"]).abs().mean()) < 0.02
     with pytest.raises(ValueError, match="val_interpolation"):
         DataConfig(val_interpolation="nearest")
+
+
+@pytest.mark.parametrize("hflip", [True, False])
+def test_train_transform_is_bitwise_the_v2_compose_it_replaces(hflip):
+    """TrainTransform calls the v2 image kernels directly: the same images and the same random
+    draws (the generator is left where v2's Compose leaves it) as the v2 classes."""
+    from torchvision.transforms import v2
+
+    from powergrad.data.torch_backend import TrainTransform
+
+    for size, scale in ((32, 0.35), (224, 0.08)):
+        data = DataConfig(name="imagenet", image_size=size, crop_scale_min=scale, hflip=hflip)
+        steps = [v2.RandomResizedCrop(size, scale=(scale, 1.0), ratio=(3 / 4, 4 / 3))]
+        reference = v2.Compose(steps + ([v2.RandomHorizontalFlip()] if hflip else []))
+        ours = TrainTransform(data)
+        for shape in ((3, 32, 32), (3, 375, 500), (3, 40, 7)):  # (40, 7): the fallback crop
+            image = torch.randint(0, 256, shape, dtype=torch.uint8)
+            for seed in range(40):
+                torch.manual_seed(seed)
+                want, want_next = reference(image), torch.rand(1)
+                torch.manual_seed(seed)
+                got, got_next = ours(image), torch.rand(1)
+                assert torch.equal(got, want) and torch.equal(got_next, want_next)
