@@ -262,7 +262,9 @@ def section_parts(rounds: int, tmp: Path) -> dict:
     from PIL import Image
     from torchvision import transforms as v1
 
-    data = DataConfig()
+    # The main job's train augmentation (configs/data/digits.yaml): 32x32 crops, no flip; both
+    # paths crop to the same size.
+    data = DataConfig(name="digits", image_size=32, crop_scale_min=0.35, hflip=False)
     listing = check_dataset(
         str(materialize_digits()),
         on_bad_file="skip",
@@ -273,7 +275,9 @@ def section_parts(rounds: int, tmp: Path) -> dict:
     v2_crop = train_transform(data)
     v1_crop = v1.Compose(
         [
-            v1.RandomResizedCrop(32, scale=(data.crop_scale_min, 1.0), ratio=(3 / 4, 4 / 3)),
+            v1.RandomResizedCrop(
+                data.image_size, scale=(data.crop_scale_min, 1.0), ratio=(3 / 4, 4 / 3)
+            ),
             v1.ToTensor(),
         ]
     )
@@ -490,6 +494,8 @@ def main(argv: list[str] | None = None) -> dict:
         "save": section_save,
         "job": functools.partial(section_job, epochs=args.job_epochs, grid=args.grid),
     }
+    # The commit that runs, taken before the report files (tracked) are written.
+    sha = _git_sha()
     report = {"loadavg_1min_before": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(prefix="profile_main-") as tmp:
         for name in args.sections.split(","):
@@ -500,7 +506,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         report["command"] = " ".join(["python", "scripts/profile_main.py", *(argv or sys.argv[1:])])
-        report["git_sha"] = _git_sha()
+        report["git_sha"] = sha
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     return report
 
