@@ -103,13 +103,14 @@ def auto_workers(
 
     - CPU training: ``0`` when ``share == 1``, else ``1 + (share - 1) // CORES_PER_WORKER``
       (one worker per 8 cores: 1 on 2..8 cores, 2 on 9..16). The model, not the loader, is
-      the bottleneck on a CPU: on the digits main job a ResNet-18 step costs ~0.45 s of CPU per
-      128 images, the torch loader ~1 ms per image (decode 0.1, seeding 0.03, transforms v2
-      crop 0.4-0.6), so one worker keeps up with ~8 cores of training and sleeps otherwise
-      (prefetch queue full). Measured on 2 cores (scripts/profile_main.py --sections job,
-      3 alternating rounds, results/bench/profile_job.json): threads 2 + 1 worker trains
-      1.64x [1.16, 2.33] as fast as the old default threads 1 + 2 workers; threads 2 + 0
-      workers loses the loader's 0.6-1.2 s per epoch on the main process (0.95x).
+      the bottleneck on a CPU: on the digits main job a ResNet-18 step costs ~0.34 s of CPU per
+      128 images, the torch loader ~0.2 ms per image (read + decode 0.06, seeding 0.01, crop
+      0.05; scripts/profile_main.py --sections threads,parts), so one worker keeps up with ~8
+      cores of training and sleeps otherwise (prefetch queue full). Measured on 2 cores
+      (scripts/profile_main.py --sections job, 3 alternating rounds, quiet machine,
+      results/bench/profile_job.json): threads 2 + 1 worker (PASSIVE) trains 1.50x [1.45,
+      1.56] as fast as the old default threads 1 + 2 workers; threads 2 + 0 workers 1.47x
+      [1.46, 1.49] (the loader's work lands on the training process).
     - With an accelerator: ``share - 1`` (at least 1): the CPU only decodes and augments,
       one core stays with the process that feeds the device. Not measured here.
     """
@@ -130,10 +131,12 @@ def auto_threads(
 
     Needs ``OMP_WAIT_POLICY=PASSIVE`` in the environment before torch is imported
     (:data:`OMP_ENV`): torch's libgomp otherwise spins waiting threads, and once anything else
-    wants a core (a loader worker, another job) a 2-thread step collapses: 6.0 s instead of
-    1.0 s at 1 thread under load ~5 on 2 cores, while with PASSIVE it took 1.07 s (median,
-    best 0.44 s vs 0.58 s at 1 thread; scripts/profile_main.py --sections threads,
-    results/bench/profile_threads.json).
+    wants a core (a loader worker, another job) a 2-thread step collapses (an earlier,
+    loaded-machine run of scripts/profile_main.py --sections threads: 6.0 s instead of 1.0 s
+    at 1 thread under load ~5, 1.07 s with PASSIVE). Spinning only pays when the step has the
+    cores to itself: on a quiet machine a step without a loader took 0.169 s active vs 0.199 s
+    passive (results/bench/profile_threads.json), but the whole job, where the loader worker
+    shares the cores, is fastest passive (results/bench/profile_job.json).
     """
     if accelerator:
         return 1
