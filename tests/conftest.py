@@ -4,9 +4,12 @@ Test modules import `compose_train` and `run_train` from here (pytest puts tests
 """
 
 import importlib.util
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,6 +55,63 @@ TINY = [
     "trainer.progress=false",
     "logger=none",
 ]
+
+
+def tiny(*changes):
+    """TINY with some of its values replaced (``"key=value"``) and other overrides appended;
+    Hydra refuses two values for one key on a command line."""
+    keys = {c.split("=", 1)[0] for c in changes}
+    return [o for o in TINY if o.split("=", 1)[0] not in keys] + list(changes)
+
+
+# Timing fields differ between any two runs; everything else in metrics.jsonl must match.
+TIMING_KEYS = {"images_per_s", "epoch_s"}
+
+
+def history_without_timing(run_dir):
+    """metrics.jsonl of a run, one dict per epoch, without TIMING_KEYS."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if k not in TIMING_KEYS} for x in lines]
+
+
+def kill_at_checkpoint(victim, last, reached, poll_s=0.02, timeout_s=240):
+    """SIGKILL the training process ``victim`` as soon as its ``last`` checkpoint satisfies
+    ``reached(checkpoint_dict)``; returns that checkpoint (as on disk after the kill)."""
+    deadline, seen = time.time() + timeout_s, None
+    while time.time() < deadline and victim.poll() is None:
+        mtime = last.stat().st_mtime_ns if last.exists() else None
+        if mtime is not None and mtime != seen:
+            seen = mtime
+            if reached(torch.load(last, weights_only=True)):
+                os.kill(victim.pid, signal.SIGKILL)
+                break
+        time.sleep(poll_s)
+    victim.wait(timeout=60)
+    assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    return torch.load(last, weights_only=True)
+
+
+def save_checkpoint(run_dir, model, state, *, optimizer=None, best=False, writer=None):
+    """checkpoint.save of `model` and `state` with an SGD optimizer, no scaler, a constant
+    schedule and empty meters / loader state, as a test needs it."""
+    from powergrad import checkpoint
+
+    optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=0.1)
+    checkpoint.save(
+        run_dir,
+        model=model,
+        optimizer=optimizer,
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+        state=state,
+        meters={},
+        loader_state={},
+        config={},
+        wandb_id=None,
+        git_sha="test",
+        best=best,
+        writer=writer,
+    )
 
 
 def compose_train(*overrides, hydra=False):

@@ -3,28 +3,11 @@ save() was called, writes land in order, and a failed write is raised, never los
 
 import pytest
 import torch
+from conftest import save_checkpoint
 from torch import nn
 
 from powergrad import checkpoint
 from powergrad.checkpoint import BEST, LAST, TrainState, rank_best
-
-
-def _save(run_dir, model, optimizer, state, writer, best=False):
-    checkpoint.save(
-        run_dir,
-        model=model,
-        optimizer=optimizer,
-        scaler=torch.amp.GradScaler("cpu", enabled=False),
-        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
-        state=state,
-        meters={},
-        loader_state={},
-        config={},
-        wandb_id=None,
-        git_sha="test",
-        best=best,
-        writer=writer,
-    )
 
 
 def test_a_background_write_holds_the_state_of_its_save_call(tmp_path):
@@ -37,7 +20,7 @@ def test_a_background_write_holds_the_state_of_its_save_call(tmp_path):
     momentum = optimizer.state[model.weight]["momentum_buffer"].clone()
     state = TrainState(epoch=3, step=30)
     rank_best(state, 50.0, 3, keep=1)
-    _save(tmp_path, model, optimizer, state, writer, best=True)
+    save_checkpoint(tmp_path, model, state, optimizer=optimizer, writer=writer, best=True)
     # Training goes on while the write is in flight: in-place updates and a new epoch.
     with torch.no_grad():
         for p in model.parameters():
@@ -60,7 +43,9 @@ def test_writes_land_in_order_and_the_latest_wins(tmp_path):
     for epoch in range(1, 6):
         with torch.no_grad():
             model.weight.fill_(epoch)
-        _save(tmp_path, model, optimizer, TrainState(epoch=epoch), writer)
+        save_checkpoint(
+            tmp_path, model, TrainState(epoch=epoch), optimizer=optimizer, writer=writer
+        )
     writer.wait()
     last = checkpoint.load(tmp_path / LAST)
     assert last["epoch"] == 5 and torch.all(last["model"]["weight"] == 5)
@@ -72,11 +57,12 @@ def test_a_failed_write_is_raised_by_the_next_save_or_by_wait(tmp_path):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     writer = checkpoint.Writer()
     gone = tmp_path / "removed-run-dir"  # the write itself fails, on the writer's thread
-    _save(gone, model, optimizer, TrainState(epoch=1), writer)  # returns at once
+    # Returns at once.
+    save_checkpoint(gone, model, TrainState(epoch=1), optimizer=optimizer, writer=writer)
     with pytest.raises(FileNotFoundError):
-        _save(tmp_path, model, optimizer, TrainState(epoch=2), writer)
+        save_checkpoint(tmp_path, model, TrainState(epoch=2), optimizer=optimizer, writer=writer)
     assert not (tmp_path / LAST).exists()  # training stops: the failed write is not skipped
-    _save(gone, model, optimizer, TrainState(epoch=3), writer)
+    save_checkpoint(gone, model, TrainState(epoch=3), optimizer=optimizer, writer=writer)
     with pytest.raises(FileNotFoundError):
         writer.wait()
     writer.wait()  # reported once

@@ -3,29 +3,11 @@
 import json
 
 import torch
-from conftest import train_in_process
+from conftest import save_checkpoint, train_in_process
 from torch import nn
 
 from powergrad import checkpoint
 from powergrad.checkpoint import BEST, LAST, TrainState, best_name, rank_best
-
-
-def _save(run_dir, model, state, best):
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    checkpoint.save(
-        run_dir,
-        model=model,
-        optimizer=optimizer,
-        scaler=torch.amp.GradScaler("cpu", enabled=False),
-        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
-        state=state,
-        meters={},
-        loader_state={},
-        config={},
-        wandb_id=None,
-        git_sha="test",
-        best=best,
-    )
 
 
 def _files(run_dir):
@@ -48,7 +30,7 @@ def test_keep_best_keeps_the_k_best_epochs_and_their_weights(tmp_path):
             model.weight.fill_(epoch)
         state.epoch = epoch
         ranked = rank_best(state, top1, epoch, keep=3)
-        _save(tmp_path, model, state, best=ranked)
+        save_checkpoint(tmp_path, model, state, best=ranked)
         # After every epoch: best.pt is the best so far, the runners-up carry their epoch.
         seen = sorted(
             ((v, e) for e, v in enumerate(scores[:epoch], start=1) if v == v),
@@ -72,7 +54,7 @@ def test_keep_best_1_is_one_best_pt(tmp_path):
         with torch.no_grad():
             model.weight.fill_(epoch)
         state.epoch = epoch
-        _save(tmp_path, model, state, best=rank_best(state, top1, epoch, keep=1))
+        save_checkpoint(tmp_path, model, state, best=rank_best(state, top1, epoch, keep=1))
     assert _files(tmp_path) == [BEST] and _epoch_of(tmp_path / BEST) == 2
 
 
