@@ -58,8 +58,8 @@ TINY = [
 
 
 def tiny(*changes):
-    """TINY with some of its values replaced (``"key=value"``) and other overrides appended;
-    Hydra refuses two values for one key on a command line."""
+    """TINY with some of its values replaced (``"key=value"``) and other overrides appended:
+    each key once (Hydra refuses two values for one config group, e.g. model=)."""
     keys = {c.split("=", 1)[0] for c in changes}
     return [o for o in TINY if o.split("=", 1)[0] not in keys] + list(changes)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_train, train_in_process
+from conftest import compose_train, tiny, train_in_process
 
 from powergrad.config import ConfigError, validate_train
 from powergrad.data.generate import write_image_folder
@@ -184,22 +184,11 @@ def test_a_mid_epoch_checkpoint_resumes_only_under_its_accum_steps(tmp_path):
     from powergrad.checkpoint import CheckpointError
     from powergrad.models import build_model
 
-    args = [
-        "data=synthetic",
-        "data.num_classes=4",
-        "data.image_size=32",
+    args = tiny(
         "data.synthetic_train_images=64",
-        "data.synthetic_val_images=16",
-        "model=resnet18_nonorm",
-        "trainer.batch_size=16",
         "trainer.epochs=1",
-        "trainer.warmup_epochs=0",
-        "trainer.device=cpu",
-        "trainer.threads=1",
-        "trainer.progress=false",
         "trainer.accum_steps=2",
-        "logger=none",
-    ]
+    )
     train_in_process(tmp_path / "run", *args)
     ckpt = checkpoint.load(tmp_path / "run" / "last.pt")
     ckpt["batch"] = 2  # as a checkpoint written after the first optimizer step of an epoch

@@ -5,27 +5,13 @@ import argparse
 
 import pytest
 import torch
-from conftest import compose_train, train_in_process
+from conftest import compose_train, tiny, train_in_process
 
 from powergrad.checkpoint import CheckpointError, init_weights
 from powergrad.config import ConfigError, validate_train
 from powergrad.models import build_model
 
-TINY = [
-    "data=synthetic",
-    "data.num_classes=4",
-    "data.image_size=32",
-    "data.synthetic_train_images=32",
-    "data.synthetic_val_images=16",
-    "model=resnet18",
-    "trainer.batch_size=16",
-    "trainer.epochs=2",
-    "trainer.warmup_epochs=0",
-    "trainer.device=cpu",
-    "trainer.threads=1",
-    "trainer.progress=false",
-    "logger=none",
-]
+TINY = tiny("model=resnet18")
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +53,7 @@ def test_wrong_architecture_is_refused_by_name(trained):
 
 
 def test_a_run_fine_tunes_from_another_runs_weights(trained, tmp_path, capsys):
-    args = [*TINY, f"model.init={trained / 'best.pt'}", "data.num_classes=6"]
+    args = tiny("model=resnet18", f"model.init={trained / 'best.pt'}", "data.num_classes=6")
     summary = train_in_process(tmp_path / "tuned", *args)
     assert summary["epochs"] == 2
     assert "classifier re-initialised for 6 classes" in capsys.readouterr().out

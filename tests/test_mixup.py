@@ -4,27 +4,11 @@ import math
 
 import pytest
 import torch
-from conftest import compose_train, train_in_process
+from conftest import compose_train, tiny, train_in_process
 
 from powergrad.config import ConfigError, validate_train
 from powergrad.engine import build_mixup
 from powergrad.pgt import PowerGradCrossEntropy
-
-TINY = [
-    "data=synthetic",
-    "data.num_classes=4",
-    "data.image_size=32",
-    "data.synthetic_train_images=64",
-    "data.synthetic_val_images=16",
-    "model=resnet18_nonorm",
-    "trainer.batch_size=16",
-    "trainer.epochs=2",
-    "trainer.warmup_epochs=0",
-    "trainer.device=cpu",
-    "trainer.threads=1",
-    "trainer.progress=false",
-    "logger=none",
-]
 
 
 def test_mixed_targets_are_soft_and_carry_the_label_smoothing():
@@ -52,7 +36,7 @@ def test_a_run_trains_with_mixup_and_cutmix(tmp_path, method):
         "trainer.mixup_alpha=0.2",
         "trainer.cutmix_alpha=1.0",
     ]
-    summary = train_in_process(tmp_path / "run", *TINY, *args)
+    summary = train_in_process(tmp_path / "run", *tiny("data.synthetic_train_images=64", *args))
     assert summary["steps"] == 8
     assert math.isfinite(summary["train_loss"]) and math.isfinite(summary["val_loss"])
     assert 0.0 <= summary["train_top1"] <= 100.0  # argmax of the mixed target
