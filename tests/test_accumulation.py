@@ -1,16 +1,13 @@
 """Gradient accumulation: K micro-batches of B / K per optimizer step train like one batch of B."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_train, tiny, train_in_process
+from conftest import compose_train, kill_at_checkpoint, tiny, train_in_process
 
 from powergrad.config import ConfigError, validate_train
 from powergrad.data.generate import write_image_folder
@@ -153,18 +150,8 @@ def test_sigkill_mid_epoch_then_resume_with_accumulation_is_exact(folder, tmp_pa
     reference = start(f"hydra.run.dir={full}")
     victim = start(f"hydra.run.dir={broken}")
     last = broken / "last.pt"
-    deadline, seen = time.time() + 240, None
-    while time.time() < deadline and victim.poll() is None:
-        mtime = last.stat().st_mtime_ns if last.exists() else None
-        if mtime is not None and mtime != seen:
-            seen = mtime
-            if torch.load(last, weights_only=True)["step"] == 3:  # epoch 2, after its 1st step
-                os.kill(victim.pid, signal.SIGKILL)
-                break
-        time.sleep(0.01)
-    victim.wait(timeout=60)
-    assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    killed_at = torch.load(last, weights_only=True)
+    # Epoch 2, after its first optimizer step.
+    killed_at = kill_at_checkpoint(victim, last, lambda c: c["step"] == 3, poll_s=0.01)
     # Checkpoints fall on group boundaries: batch counts loader batches, a multiple of 4.
     assert killed_at["epoch"] == 1 and killed_at["batch"] == 4 and killed_at["step"] == 3
 

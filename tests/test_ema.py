@@ -2,16 +2,13 @@
 records, and an exact resume with EMA on (SIGKILL mid-epoch, then trainer.resume)."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_train, train_in_process
+from conftest import compose_train, history_without_timing, kill_at_checkpoint, train_in_process
 from timm.utils import ModelEmaV3
 
 from powergrad.checkpoint import TrainState
@@ -22,7 +19,6 @@ from powergrad.models import build_model
 from powergrad.optim import build_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING_KEYS = {"images_per_s", "epoch_s"}
 STEPS_PER_EPOCH = 512 // 32
 TINY = [
     "data=synthetic",
@@ -110,29 +106,13 @@ def _train(*extra, cwd):
     return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def _history(run_dir):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(x).items() if k not in TIMING_KEYS} for x in lines]
-
-
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_keeps_the_ema_exact(tmp_path):
     full, broken = tmp_path / "full", tmp_path / "broken"
     reference = _train(f"hydra.run.dir={full}", cwd=tmp_path)
     victim = _train(f"hydra.run.dir={broken}", cwd=tmp_path)
     last = broken / "last.pt"
-    deadline, seen = time.time() + 240, None
-    while time.time() < deadline and victim.poll() is None:
-        mtime = last.stat().st_mtime_ns if last.exists() else None
-        if mtime is not None and mtime != seen:
-            seen = mtime
-            if torch.load(last, weights_only=True)["step"] > STEPS_PER_EPOCH:
-                os.kill(victim.pid, signal.SIGKILL)
-                break
-        time.sleep(0.02)
-    victim.wait(timeout=60)
-    assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    killed_at = torch.load(last, weights_only=True)
+    killed_at = kill_at_checkpoint(victim, last, lambda c: c["step"] > STEPS_PER_EPOCH)
     assert STEPS_PER_EPOCH < killed_at["step"] < 2 * STEPS_PER_EPOCH
 
     resumed = _train(f"trainer.resume={broken}", cwd=tmp_path)
@@ -145,5 +125,5 @@ def test_sigkill_mid_epoch_then_resume_keeps_the_ema_exact(tmp_path):
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
         assert torch.equal(a["ema"][key], b["ema"][key]), key
-    assert _history(full) == _history(broken)
-    assert "val_ema_top1" in _history(full)[-1]
+    assert history_without_timing(full) == history_without_timing(broken)
+    assert "val_ema_top1" in history_without_timing(full)[-1]

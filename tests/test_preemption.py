@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import history_without_timing
 from wandb_offline import read_offline_run
 
 from powergrad.preemption import EXIT_PREEMPTED, MARKER
@@ -34,7 +35,6 @@ ARGS = [
     "trainer.progress=false",
     "loader.workers=0",
 ]
-TIMING_KEYS = {"images_per_s", "epoch_s"}
 
 
 def _env():
@@ -120,18 +120,13 @@ def _signal_after_first_epoch(victims, deadline_s=300):
     return [found[i] for i in range(len(victims))]
 
 
-def _history(run_dir):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(x).items() if k not in TIMING_KEYS} for x in lines]
-
-
 def _assert_same_run(a_dir, b_dir):
     a = torch.load(a_dir / "last.pt", weights_only=True)
     b = torch.load(b_dir / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 2 * STEPS_PER_EPOCH
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
-    assert _history(a_dir) == _history(b_dir)
+    assert history_without_timing(a_dir) == history_without_timing(b_dir)
 
 
 @pytest.mark.slow
@@ -249,5 +244,5 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     rc, out = _finish(start())  # the same command continues the run
     assert rc == 0, out[-3000:]
     final = torch.load(last, weights_only=True)
-    assert final["step"] == 3 * STEPS_PER_EPOCH and len(_history(run_dir)) == 3
+    assert final["step"] == 3 * STEPS_PER_EPOCH and len(history_without_timing(run_dir)) == 3
     assert not (run_dir / MARKER).exists()

@@ -2,20 +2,17 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import history_without_timing, kill_at_checkpoint
 from wandb_offline import read_offline_run
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 1437 // 64  # digits train images // global batch
-# Timing fields differ between any two runs; everything else must match exactly.
-TIMING_KEYS = {"images_per_s", "epoch_s"}
 
 ARGS = [
     "trainer.epochs=2",
@@ -45,11 +42,6 @@ def _wait(proc, timeout=300):
     assert proc.returncode == 0, out.decode()[-3000:]
 
 
-def _history(run_dir):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(x).items() if k not in TIMING_KEYS} for x in lines]
-
-
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     full, broken = tmp_path / "full", tmp_path / "broken"
@@ -58,18 +50,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
 
     # Kill the victim once a checkpoint from the middle of epoch 2 exists.
     last = broken / "last.pt"
-    deadline, seen = time.time() + 240, None
-    while time.time() < deadline and victim.poll() is None:
-        mtime = last.stat().st_mtime_ns if last.exists() else None
-        if mtime is not None and mtime != seen:
-            seen = mtime
-            if torch.load(last, weights_only=True)["step"] > STEPS_PER_EPOCH:
-                os.kill(victim.pid, signal.SIGKILL)
-                break
-        time.sleep(0.02)
-    victim.wait(timeout=60)
-    assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    killed_at = torch.load(last, weights_only=True)
+    killed_at = kill_at_checkpoint(victim, last, lambda c: c["step"] > STEPS_PER_EPOCH)
     assert STEPS_PER_EPOCH < killed_at["step"] < 2 * STEPS_PER_EPOCH
     assert 0 < killed_at["batch"] < STEPS_PER_EPOCH and killed_at["epoch"] == 1
     assert not (broken / "summary.json").exists()
@@ -86,8 +67,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
         a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True
     ):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
-    assert _history(full) == _history(broken)
-    assert len(_history(full)) == 2
+    assert history_without_timing(full) == history_without_timing(broken)
+    assert len(history_without_timing(full)) == 2
 
     sa = json.loads((full / "summary.json").read_text())
     sb = json.loads((broken / "summary.json").read_text())
