@@ -97,31 +97,10 @@ def test_two_ranks_accumulating_match_one_process_with_the_same_global_batch(tmp
     """DDP with no_sync on the non-final micro-steps: 2 ranks x 2 micro-batches of 16 train
     like one process with batch 64 (gradients all-reduced once per optimizer step, summed
     over the micro-batches first)."""
-    from test_distributed import ARGS, _env, _small_odd_digits
+    from test_distributed import ARGS, _small_odd_digits, run_ddp_beside_single
 
     common = [*ARGS, f"data.root={_small_odd_digits(tmp_path)}"]
-    ddp_cwd, single_dir = tmp_path / "ddp", tmp_path / "single"
-    ddp_cwd.mkdir()
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    ddp = subprocess.Popen(
-        [*torchrun, str(ROOT / "train.py"), *common, "trainer.accum_steps=2"],
-        cwd=ddp_cwd,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    single = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *common, f"hydra.run.dir={single_dir}"],
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    out, _ = ddp.communicate(timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
-    assert ddp.returncode == 0, out[-3000:]
+    single_dir, ddp_cwd = run_ddp_beside_single(tmp_path, common, ["trainer.accum_steps=2"])
     (ddp_dir,) = [p.parent for p in ddp_cwd.glob("outputs/*/*/summary.json")]
     a = torch.load(single_dir / "last.pt", weights_only=True)
     b = torch.load(ddp_dir / "last.pt", weights_only=True)

@@ -90,15 +90,15 @@ def _env():
     return {**env, "OMP_NUM_THREADS": "1", "SUBMITIT_EXECUTOR": ""}
 
 
-@pytest.mark.slow
-def test_two_rank_torchrun_matches_one_process_with_the_same_global_batch(tmp_path):
-    data = _small_odd_digits(tmp_path)
-    common = [*ARGS, f"data.root={data}"]
+def run_ddp_beside_single(tmp_path, common, ddp_extra=()):
+    """`train.py COMMON` once as one process (run dir tmp_path/single) and at the same time
+    under a 2-rank torchrun (+ ddp_extra; started in tmp_path/ddp, so its run lands under
+    ddp/outputs/); asserts both succeeded, returns (single run dir, torchrun's cwd)."""
     ddp_cwd, single_dir = tmp_path / "ddp", tmp_path / "single"
     ddp_cwd.mkdir()
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     ddp = subprocess.Popen(
-        [*torchrun, str(ROOT / "train.py"), *common],
+        [*torchrun, str(ROOT / "train.py"), *common, *ddp_extra],
         cwd=ddp_cwd,
         env=_env(),
         stdout=subprocess.PIPE,
@@ -116,6 +116,14 @@ def test_two_rank_torchrun_matches_one_process_with_the_same_global_batch(tmp_pa
     out, _ = ddp.communicate(timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
     assert ddp.returncode == 0, out[-3000:]
+    return single_dir, ddp_cwd
+
+
+@pytest.mark.slow
+def test_two_rank_torchrun_matches_one_process_with_the_same_global_batch(tmp_path):
+    data = _small_odd_digits(tmp_path)
+    common = [*ARGS, f"data.root={data}"]
+    single_dir, ddp_cwd = run_ddp_beside_single(tmp_path, common)
 
     # Both ranks used rank 0's run directory: exactly one run under outputs/.
     (ddp_dir,) = [p.parent for p in ddp_cwd.glob("outputs/*/*/summary.json")]
