@@ -155,10 +155,13 @@ def _keep_as(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def _write_best(run_dir: Path, weights: dict[str, Any], state: TrainState) -> None:
-    """best.pt, or a runner-up's best-epochNNNN.pt, then remove what left the top K."""
-    epoch, kept = weights["epoch"], state.best_checkpoints
-    if state.best_epoch == epoch:
+def _write_best(
+    run_dir: Path, weights: dict[str, Any], best_epoch: int, kept: list[list[float]]
+) -> None:
+    """best.pt, or a runner-up's best-epochNNNN.pt, then remove what left the top K (``kept``:
+    TrainState.best_checkpoints as of the save)."""
+    epoch = weights["epoch"]
+    if best_epoch == epoch:
         if len(kept) > 1 and (run_dir / BEST).exists():
             # The previous best (now second) keeps its bytes under its epoch's name first.
             _keep_as(run_dir / BEST, run_dir / best_name(int(kept[1][1])))
@@ -276,10 +279,6 @@ def save(
         "git_sha": git_sha,
         "file_list": file_list,
     }
-    # The ranking of the kept best epochs as of this save (the state moves on meanwhile).
-    ranking = TrainState(
-        best_epoch=state.best_epoch, best_checkpoints=[list(r) for r in state.best_checkpoints]
-    )
 
     def write() -> None:
         atomic_write(run_dir / LAST, lambda f: torch.save(ckpt, f))
@@ -289,7 +288,8 @@ def save(
             # them.
             weights = {"format": WEIGHTS_FORMAT, "model": ckpt["model"]}
             weights.update({k: ckpt[k] for k in (*WEIGHTS_KEYS, *RUN_KEYS)})
-            _write_best(run_dir, weights, ranking)
+            # ckpt's copy of the ranking: the state moves on during a background write.
+            _write_best(run_dir, weights, ckpt["best_epoch"], ckpt["best_checkpoints"])
 
     if writer is None:
         write()
