@@ -258,8 +258,9 @@ class DaliTrainLoader:
         thread.start()
         self._ahead = (epoch, bad, thread, built)
 
-    def _take_ahead(self, epoch: int) -> DALIGenericIterator | None:
-        """The pipeline built ahead, if it is `epoch`'s and skips today's bad files."""
+    def _take_ahead(self, epoch: int | None) -> DALIGenericIterator | None:
+        """The pipeline built ahead, if it is `epoch`'s and skips today's bad files; it is
+        dropped otherwise (always with None)."""
         if self._ahead is None:
             return None
         (ahead_epoch, bad, thread, built), self._ahead = self._ahead, None
@@ -271,7 +272,7 @@ class DaliTrainLoader:
     def close(self) -> None:
         """Drop the pipeline built ahead for the next epoch (its threads stop working now, not
         when the loader is garbage collected); the next epoch() builds its own."""
-        self._take_ahead(-1)
+        self._take_ahead(None)
 
     def epoch(
         self, epoch: int, start_batch: int = 0
@@ -295,8 +296,7 @@ class DaliTrainLoader:
             )
         # Built ahead during the previous epoch, else in the loop (DALI's iterator reads a batch
         # when created).
-        ahead = self._take_ahead(epoch)
-        self._iterator = ahead if start_batch == 0 else None
+        self._iterator = self._take_ahead(epoch if start_batch == 0 else None)
         self._checkpoint = checkpoint
         if self._bad:  # files known bad are replaced up front: count the samples they cost
             s = self.shard
