@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 MEASURES = [
@@ -62,6 +63,23 @@ def _link_distribution(dist: importlib.metadata.Distribution, site: Path, shared
             link.symlink_to(target)
 
 
+def _with_requirements(names: set[str], dists: dict[str, importlib.metadata.Distribution]):
+    """``names`` (those installed here) and, transitively, what their installed versions
+    require: a version here may need a package the image's own version does not (e.g.
+    huggingface_hub 2.x needs httpx2), which the image therefore lacks without harm."""
+    todo, seen = [n for n in names if n in dists], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for text in dists[name].requires or []:
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo += [_norm(req.name)] if _norm(req.name) in dists else []
+    return seen
+
+
 @pytest.fixture(scope="module")
 def image_python(tmp_path_factory) -> str:
     """A Python that imports only the GPU image's packages (the ones installed here, at this
@@ -69,21 +87,19 @@ def image_python(tmp_path_factory) -> str:
     --prepare fetches them), plus the repository itself."""
     listing = json.loads(_gpu_check("--list-packages").stdout)
     carried = listing["carried"]
-    allowed = set(listing["image"]) | set(carried)
+    dists = {_norm(d.metadata["Name"]): d for d in importlib.metadata.distributions()}
+    allowed = _with_requirements(set(listing["image"]) | set(carried), dists)
     venv = tmp_path_factory.mktemp("image") / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     (site,) = venv.glob("lib/python*/site-packages")
-    dists = list(importlib.metadata.distributions())
     owners: dict[str, set[str]] = {}
-    for dist in dists:
+    for name, dist in dists.items():
         for f in dist.files or []:
-            owners.setdefault(f.parts[0], set()).add(_norm(dist.metadata["Name"]))
+            owners.setdefault(f.parts[0], set()).add(name)
     shared = {top for top, names in owners.items() if len(names) > 1}
-    for dist in dists:
-        name = _norm(dist.metadata["Name"])
-        if name in allowed:
-            assert name not in carried or dist.version == carried[name], (name, dist.version)
-            _link_distribution(dist, site, shared)
+    for name in allowed:
+        assert name not in carried or dists[name].version == carried[name], name
+        _link_distribution(dists[name], site, shared)
     return str(venv / "bin" / "python")
 
 
