@@ -302,7 +302,13 @@ def run_check(args: argparse.Namespace) -> int:
             except queue.Empty:
                 proc.kill()
                 why = "its cap" if cap == caps[name] else "the check's budget"
-                mark(name, "timeout", wall_s=time.perf_counter() - t0, error=f"stopped by {why}")
+                mark(
+                    name,
+                    "timeout",
+                    wall_s=time.perf_counter() - t0,
+                    error=f"stopped by {why}",
+                    stderr=proc.tail(),  # what it was doing
+                )
                 pending.pop(0)
                 break
             if msg is None:  # died without a result (a crash, the OOM killer)
@@ -558,20 +564,17 @@ def _cell(row: Row, record: dict | None) -> str:
     """One result file's cell: the value (with its verdict on a GPU run) or why there is none."""
     if record is None:
         return NOT_RUN
-    if row.measure is None:
-        try:
-            value = row.value(record)
-        except (KeyError, TypeError):  # a measure it reads did not run
-            return NOT_RUN
-    else:
-        m = record["measures"].get(row.measure)
-        if m is None:
-            return NOT_RUN
-        if m["status"] == "timeout":
-            return f"timeout (cap {m['cap_s']:.0f} s)"
-        if m["status"] != "ok":
-            return m["status"]
-        value = row.value(m["result"])
+    m = record["measures"].get(row.measure) if row.measure else {"status": "ok"}
+    if m is None:
+        return NOT_RUN
+    if m["status"] == "timeout":
+        return f"timeout (cap {m['cap_s']:.0f} s)"
+    if m["status"] != "ok":
+        return m["status"]
+    try:
+        value = row.value(m["result"] if row.measure else record)
+    except (KeyError, TypeError, ValueError):  # a measure it reads did not run or had no value
+        return NOT_RUN if row.measure is None else "n/a (see the JSON)"
     text = _show(value)
     verdict = row.meets(value) if row.meets and not record["tiny"] else None
     return text + {True: " (meets goal)", False: " (misses goal)", None: ""}[verdict]
