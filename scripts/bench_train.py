@@ -36,7 +36,7 @@ and exits 1 when any check fails.
 
 Usage: python scripts/bench_train.py [--models resnet18,resnet50] [--image-size 128] [--batch 16]
        [--steps 3] [--rounds 21] [--precision fp32|bf16|fp16] [--channels-last] [--compile]
-       [--device cpu|cuda] [--threads 1] [--rss] [--tiny]
+       [--compile-backend inductor|eager] [--device cpu|cuda] [--threads 1] [--rss] [--tiny]
        python scripts/bench_train.py --self-check same_training,meter_losses,median_ci95,peak_rss
        python scripts/bench_train.py --self-check no_host_sync --device cuda
 """
@@ -143,8 +143,15 @@ class Ours:
     amp_dtype: torch.dtype | None
 
 
-def build_ours(cfg: DictConfig, run_dir: Path) -> tuple[Ours, Callable[[], None]]:
-    """train.py's components for ``cfg`` and a closure that trains one chunk (one epoch)."""
+def build_ours(
+    cfg: DictConfig, run_dir: Path, compile_backend: str = "inductor"
+) -> tuple[Ours, Callable[[], None]]:
+    """train.py's components for ``cfg`` and a closure that trains one chunk (one epoch).
+
+    ``compile_backend`` is torch.compile's backend when cfg.trainer.compile is set: train.py
+    uses inductor; "eager" (dynamo's capture without code generation) checks the same path in
+    seconds on a CPU, where inductor takes minutes.
+    """
     t = cfg.trainer
     checkpoint.configure_runtime(t.threads, t.deterministic)
     checkpoint.seed_everything(cfg.seed)  # the same initial weights for every variant
@@ -166,7 +173,7 @@ def build_ours(cfg: DictConfig, run_dir: Path) -> tuple[Ours, Callable[[], None]
     )
     ours = Ours(
         train_loader=loaders.train,
-        model=torch.compile(model) if t.compile else model,
+        model=torch.compile(model, backend=compile_backend) if t.compile else model,
         optimizer=optimizer,
         scheduler=build_scheduler(
             optimizer,
@@ -220,7 +227,11 @@ def minimal_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.SG
 
 
 def build_minimal(
-    cfg: DictConfig, images: torch.Tensor, target: torch.Tensor, num_classes: int
+    cfg: DictConfig,
+    images: torch.Tensor,
+    target: torch.Tensor,
+    num_classes: int,
+    compile_backend: str = "inductor",
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, Callable[[int], list[torch.Tensor]]]:
     """A minimal PyTorch training loop on the given batch; returns (model, optimizer, run).
 
@@ -235,7 +246,7 @@ def build_minimal(
     fmt = torch.channels_last if t.channels_last else torch.preserve_format
     model = model.to(device, memory_format=fmt)
     optimizer = minimal_optimizer(model, cfg)
-    net = torch.compile(model) if t.compile else model
+    net = torch.compile(model, backend=compile_backend) if t.compile else model
     dtype = AMP_DTYPES[t.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
 
@@ -290,25 +301,27 @@ def bench_model(model: str, args: argparse.Namespace, tmp: Path) -> dict:
     unknown = set(wanted) - set(VARIANTS)
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    backend = args.compile_backend
     ce_cfg = compose_config(model, "baseline", **common)
     chunks: dict[str, Callable[[], None]] = {}
     # The trainer's context is built even when ours_ce is not timed: its loader holds the batch.
-    ce_ctx, ce_chunk = build_ours(ce_cfg, tmp / f"{model}-ce")
+    ce_ctx, ce_chunk = build_ours(ce_cfg, tmp / f"{model}-ce", backend)
     images, target = ce_ctx.train_loader.batch
     if "minimal" in wanted:
-        _, _, minimal_run = build_minimal(ce_cfg, images, target, ce_cfg.data.num_classes)
+        _, _, minimal_run = build_minimal(ce_cfg, images, target, ce_cfg.data.num_classes, backend)
         chunks["minimal"] = lambda: minimal_run(args.steps)
     if "ours_ce" in wanted:
         chunks["ours_ce"] = ce_chunk
     if "ours_pgt" in wanted:
         chunks["ours_pgt"] = build_ours(
-            compose_config(model, "pgt", **common), tmp / f"{model}-pgt"
+            compose_config(model, "pgt", **common), tmp / f"{model}-pgt", backend
         )[1]
     device = images.device
     names = list(chunks)
     seconds: dict[str, list[float]] = {k: [] for k in names}
     cpu_seconds: dict[str, list[float]] = {k: [] for k in names}
     peak_mem: dict[str, int] = dict.fromkeys(names, 0)  # bytes, CUDA only
+    first_chunk_s: dict[str, float] = {}  # compile, cuDNN autotuning, lazy initialisation
     load_before = os.getloadavg()
     for rnd in range(args.warmup + args.rounds):
         order = names[rnd % len(names) :] + names[: rnd % len(names)]
@@ -319,6 +332,8 @@ def bench_model(model: str, args: argparse.Namespace, tmp: Path) -> dict:
             t0, c0 = time.perf_counter(), time.process_time()
             chunks[name]()
             _sync(device)
+            if rnd == 0:
+                first_chunk_s[name] = time.perf_counter() - t0
             if rnd >= args.warmup:
                 seconds[name].append(time.perf_counter() - t0)
                 cpu_seconds[name].append(time.process_time() - c0)
@@ -355,8 +370,11 @@ def bench_model(model: str, args: argparse.Namespace, tmp: Path) -> dict:
         "precision": args.precision,
         "channels_last": args.channels_last,
         "compile": args.compile,
+        "compile_backend": backend if args.compile else None,
         "threads": torch.get_num_threads(),
         "images_per_s": ips,
+        # The untimed first chunk per variant, seconds (with --compile: the compilation).
+        "first_chunk_s": first_chunk_s,
         "images_per_cpu_s": ips_cpu if device.type == "cpu" else None,
         **ratios,
         "loadavg_1min_before_after": [load_before[0], os.getloadavg()[0]],
@@ -675,6 +693,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile both loops")
+    ap.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend with --compile (train.py's: inductor; eager: capture only)",
+    )
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument(
         "--threads",
