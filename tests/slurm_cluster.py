@@ -162,6 +162,13 @@ class SlurmCluster:
 
     def start(self, timeout_s: float = 60) -> SlurmCluster:
         """Write the configuration, start the three daemons and wait until the node is idle."""
+        try:
+            # Jobs find their rendezvous (MASTER_ADDR) by this name, from SLURM's node list.
+            socket.gethostbyname(self.node)
+        except OSError as e:
+            raise RuntimeError(
+                f"host name {self.node!r} does not resolve ({e}); add it to /etc/hosts"
+            ) from None
         self._write_config()
         r = self.root
         self._daemon(
@@ -221,13 +228,18 @@ class SlurmCluster:
         """Every job SLURM still lists as pending or running (array tasks as ``ID_N``)."""
         return self.run("squeue", "-h", "-o", "%i").stdout.split()
 
+    def cancel(self, job_ids: list[str]) -> None:
+        """End these jobs now, pending or running: cancelled (no requeue), processes killed."""
+        self.run("scancel", *job_ids, check=False)
+        self.run("scancel", "--signal=KILL", "--full", *job_ids, check=False)
+
     def stop(self) -> None:
         """Cancel every job, then stop slurmd, slurmctld and munged by PID (SIGTERM, then
         SIGKILL after 10 s)."""
         if self._procs.get("slurmctld") and self._procs["slurmctld"].poll() is None:
             jobs = self.run("squeue", "-h", "-o", "%A", check=False).stdout.split()
             if jobs:
-                self.run("scancel", "--signal=KILL", "--full", *set(jobs), check=False)
+                self.cancel(sorted(set(jobs)))
                 deadline = time.monotonic() + 20
                 while self.job_ids() and time.monotonic() < deadline:
                     time.sleep(0.5)

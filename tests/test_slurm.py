@@ -9,10 +9,11 @@ installs them (``apt-get install slurm-wlm munge``).
 Each test's docstring says what it shows. The time-limit test waits for slurmctld's time-limit
 checks (every 30 s); its sweep starts with the module, so that waiting overlaps the other tests.
 
-The cluster has no accounting database, so ``sacct`` fails: submitit's launcher then learns
-that a job ended from the job's result file alone (a job that raised, finished or was
-requeued writes or leaves it as expected; a job killed by ``scancel`` writes none, so the
-scancel test stops the waiting launcher itself).
+The cluster has no accounting database, so ``sacct`` fails and submitit's launcher learns that
+a job ended from the job's result file alone: a job that finished or raised writes one (a
+requeued job when it finally ends); a job ended by ``scancel`` writes none, so the scancel test
+stops the waiting launcher itself, and :meth:`Sweep.finish` fails early when SLURM has ended
+every job of a sweep but its launcher still waits.
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ class Sweep:
             self.proc.kill()
             self.proc.wait()
         if self.job_ids():
-            self.cluster.run("scancel", "--signal=KILL", "--full", *self.job_ids(), check=False)
+            self.cluster.cancel(self.job_ids())
 
 
 class References:
@@ -267,8 +268,9 @@ def time_limit_sweep(request, tmp_path_factory):
 
 @pytest.mark.slow
 def test_two_point_sweep_runs_as_two_slurm_jobs_and_compares_them(cluster, tmp_path):
-    """Issue 20 test 1. Shows: `-m hydra/launcher=slurm method=baseline,pgt` submits one SLURM
-    job array of two tasks, both complete on the cluster, each point gets one run directory,
+    """Issue 20 test 1. Shows: `-m hydra/launcher=slurm hydra.launcher.gpus_per_node=0
+    method=baseline,pgt` submits one SLURM job array of two one-task jobs (the preset asked for
+    0 tasks per node before), both complete on the cluster, each point gets one run directory,
     compare.md holds both, and the sweep exits 0."""
     sweep = Sweep(cluster, tmp_path, tiny("method=baseline,pgt"))
     rc, out = sweep.finish()
