@@ -419,6 +419,11 @@ def main(cfg: DictConfig) -> float | None:
             # A refused start leaves nothing behind (Hydra made its directory before we ran).
             rundir.discard_if_empty(Path(HydraConfig.get().runtime.output_dir))
         print(f"error: {e}", file=sys.stderr)
+        if pgdist.in_submitit_job():
+            # Raised, submitit stores the error as the job's result and the sweep reports it as
+            # soon as the job ends; after a bare exit the sweep would wait for sacct to say
+            # FAILED (polled minutes apart, and never on a cluster without accounting).
+            raise
         sys.exit(2)
     except Preempted as e:
         print(f"preempted: {e}", file=sys.stderr)

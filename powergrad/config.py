@@ -7,7 +7,8 @@ override that fixes it, before any data is read or any model is built.
 
 Also registered here: the ``pg.run_dir`` / ``pg.sweep_dir`` / ``pg.method_label`` resolvers
 that give every run a directory of its own (time + pid + random suffix, so two runs started in
-the same second never share one) and make ``trainer.resume=RUN_DIR`` continue in place.
+the same second never share one) and make ``trainer.resume=RUN_DIR`` continue in place, and
+``pg.ranks_per_node`` for the SLURM launcher preset (configs/hydra/launcher/slurm.yaml).
 """
 
 from __future__ import annotations
@@ -310,6 +311,11 @@ def _resolve_sweep_dir() -> str:
     return default_run_dir(MULTIRUN_ROOT)
 
 
+def _ranks_per_node(gpus_per_node: int | None) -> int:
+    # One rank per GPU; one rank on a node without GPUs (a SLURM job cannot have 0 tasks).
+    return max(1, int(gpus_per_node or 0))
+
+
 def register_configs() -> None:
     """Store the schemas in Hydra's ConfigStore and register the run-dir resolvers (idempotent)."""
     cs = ConfigStore.instance()
@@ -319,6 +325,7 @@ def register_configs() -> None:
         "pg.run_dir": _resolve_run_dir,
         "pg.sweep_dir": _resolve_sweep_dir,
         "pg.method_label": method_label,
+        "pg.ranks_per_node": _ranks_per_node,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):

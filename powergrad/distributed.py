@@ -2,13 +2,22 @@
 
 Where the ranks come from, first match wins:
 
-1. torchrun (one node or many): RANK / WORLD_SIZE / LOCAL_RANK, plus MASTER_ADDR / MASTER_PORT
-   read by ``env://``.
+1. torchrun (one node or many, also inside a SLURM allocation): RANK / WORLD_SIZE /
+   LOCAL_RANK, plus MASTER_ADDR / MASTER_PORT read by ``env://``.
 2. A submitit job (Hydra's ``submitit_slurm`` / ``submitit_local`` launchers, one task per GPU):
    submitit's job environment (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID under SLURM), with
    MASTER_ADDR = the job's first node and MASTER_PORT derived from the job id, exported by
    :class:`submitit.helpers.TorchDistributedEnvironment` before ``env://`` reads them.
-3. Neither: a single process, and every helper is a no-op.
+3. The tasks of a plain ``srun`` step (``srun -n 8 python train.py ...``): SLURM_PROCID /
+   SLURM_STEP_NUM_TASKS / SLURM_LOCALID, with MASTER_ADDR = the step's first node and
+   MASTER_PORT derived from the job and step ids (as submitit does), see
+   :func:`srun_rendezvous`. Only a step's tasks are ranks: ``python train.py`` in a batch
+   script of ``--ntasks=4`` is one process (SLURM_NTASKS=4 there, but no SLURM_STEP_ID).
+4. None of these: a single process, and every helper is a no-op.
+
+The device: CPU, or ``cuda:LOCAL_RANK`` when the process sees all of its node's GPUs, or
+``cuda:0`` when SLURM gave the task its own GPU (``--gpus-per-task=1``), see
+:func:`cuda_index`.
 
 No custom launcher. Rank 0 alone logs and writes files.
 """
@@ -16,6 +25,9 @@ No custom launcher. Rank 0 alone logs and writes files.
 from __future__ import annotations
 
 import os
+import random
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,12 +41,16 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "cleanup",
+    "cuda_index",
     "env_world",
+    "first_host",
     "gather_objects",
+    "in_submitit_job",
     "is_main",
     "launcher",
     "rank",
     "setup",
+    "srun_rendezvous",
     "world_size",
 ]
 
@@ -68,9 +84,20 @@ def _submitit() -> bool:
     return bool(os.environ.get("SUBMITIT_EXECUTOR"))
 
 
+def in_submitit_job() -> bool:
+    """True inside a job started by submitit (Hydra's submitit launchers), on any rank."""
+    return _submitit()
+
+
+def _srun_step() -> bool:
+    # SLURM sets SLURM_STEP_ID in the tasks of an srun step only, not in a batch script, so a
+    # `python train.py` in an sbatch script of --ntasks=4 (SLURM_NTASKS=4) stays one process.
+    return "SLURM_STEP_ID" in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1
+
+
 def env_world() -> tuple[int, int, int]:
     """(rank, world_size, local_rank): torchrun's variables, else the submitit job's tasks,
-    else (0, 1, 0)."""
+    else the srun step's tasks, else (0, 1, 0)."""
     if _torchrun():
         return (
             int(os.environ["RANK"]),
@@ -82,21 +109,87 @@ def env_world() -> tuple[int, int, int]:
 
         job = JobEnvironment()
         return job.global_rank, job.num_tasks, job.local_rank
+    if _srun_step():
+        env = os.environ
+        return (
+            int(env["SLURM_PROCID"]),
+            int(env["SLURM_STEP_NUM_TASKS"]),
+            int(env.get("SLURM_LOCALID", "0")),
+        )
     return 0, 1, 0
 
 
 def launcher() -> str:
-    """Who started this process: ``torchrun``, ``submitit`` or ``single``."""
-    return "torchrun" if _torchrun() else "submitit" if _submitit() else "single"
+    """Who started this process: ``torchrun``, ``submitit``, ``srun`` (a plain srun step of
+    several tasks) or ``single``."""
+    if _torchrun():
+        return "torchrun"
+    return "submitit" if _submitit() else "srun" if _srun_step() else "single"
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM host list: ``gpu[003-010,012],cpu1`` -> ``gpu003``."""
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):  # the first comma-separated group outside brackets
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            end = i
+            break
+    # Each bracket [a-b,c,...] stands for its first value, a (zero padding as written).
+    return re.sub(r"\[([^\],\-]*)[^\]]*\]", r"\1", nodelist[:end])
+
+
+def srun_rendezvous(env: Mapping[str, str]) -> dict[str, str]:
+    """torchrun's variables for a task of a plain srun step, from SLURM's ``env``.
+
+    MASTER_ADDR is the step's first node; MASTER_PORT is kept when set, else drawn in
+    [20000, 60000] from the job and step ids (every task draws the same; two steps of one
+    job, such as two ``srun`` lines of a batch script running at once, draw different ones),
+    as submitit's TorchDistributedEnvironment does from the job id.
+    """
+    job, step = env["SLURM_JOB_ID"], env["SLURM_STEP_ID"]
+    port = env.get("MASTER_PORT") or str(random.Random(f"{job}.{step}").randint(20000, 60000))
+    nodes = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
+    return {
+        "MASTER_ADDR": first_host(nodes),
+        "MASTER_PORT": port,
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": env["SLURM_STEP_NUM_TASKS"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+    }
+
+
+def cuda_index(local_rank: int, visible: int) -> int:
+    """The CUDA device index for a rank, from the number of GPUs this process can see.
+
+    One visible GPU (``srun --gpus-per-task=1``, GPU binding): 0, whatever the local rank.
+    Several (torchrun, ``--gpus-per-node=N``): the local rank's. A local rank beyond them
+    raises ConfigError naming CUDA_VISIBLE_DEVICES and the local rank.
+    """
+    from powergrad.config import ConfigError
+
+    if visible == 1:
+        return 0
+    if 0 <= local_rank < visible:
+        return local_rank
+    devices = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+    raise ConfigError(
+        f"local rank {local_rank} has no GPU of its own: this process sees {visible} "
+        f"(CUDA_VISIBLE_DEVICES={devices}); give each task one GPU (srun --gpus-per-task=1) "
+        "or every task all of its node's GPUs"
+    )
 
 
 def pick_device(preference: str, local_rank: int = 0) -> torch.device:
-    """``auto``: CUDA (this rank's GPU) when available, else CPU; ``cpu`` / ``cuda`` forced."""
+    """``auto``: CUDA (this rank's GPU, :func:`cuda_index`) when available, else CPU;
+    ``cpu`` / ``cuda`` forced."""
+    from powergrad.config import ConfigError
+
     if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("trainer.device=cuda but CUDA is not available; use trainer.device=cpu")
-    return torch.device("cuda", local_rank)
+        raise ConfigError("trainer.device=cuda but CUDA is not available; use trainer.device=cpu")
+    return torch.device("cuda", cuda_index(local_rank, torch.cuda.device_count()))
 
 
 def setup(device_preference: str = "auto") -> DistInfo:
@@ -108,8 +201,10 @@ def setup(device_preference: str = "auto") -> DistInfo:
         from submitit.helpers import TorchDistributedEnvironment
 
         # Every task of the job derives the same MASTER_ADDR (first node) and MASTER_PORT
-        # (seeded by the job id); CUDA_VISIBLE_DEVICES is left alone: rank r uses cuda:LOCAL_RANK.
+        # (seeded by the job id); CUDA_VISIBLE_DEVICES is left alone (pick_device).
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    elif not _torchrun() and _srun_step():
+        os.environ.update(srun_rendezvous(os.environ))  # then env:// reads them like torchrun's
     rank, world_size, local_rank = env_world()
     device = pick_device(device_preference, local_rank)
     if device.type == "cuda":

@@ -14,13 +14,18 @@ poll at the same steps, so they stop at the same step and write one consistent c
 Then rank 0 writes :data:`MARKER` next to ``last.pt`` and every rank raises :class:`Preempted`.
 train.py turns that into the exit, see :func:`exit_for_requeue`:
 
-- inside a submitit job (Hydra's ``submitit_slurm`` / ``submitit_local`` launchers): rank 0
-  hands over to submitit's handler, which resubmits the same Hydra job (``scontrol requeue``
-  under SLURM; the local executor restarts it) and exits; other ranks exit 0. The requeued job
-  gets the same run directory, finds the marker and resumes from ``last.pt``, continuing the
-  same wandb run (its id is in the checkpoint).
-- otherwise (torchrun, plain python): every rank exits with :data:`EXIT_PREEMPTED` (3). Running
-  the same command with the same ``hydra.run.dir`` (or ``trainer.resume=RUN_DIR``) continues.
+- submitit's signal inside a submitit job (Hydra's ``submitit_slurm`` / ``submitit_local``
+  launchers; SLURM sends it ``signal_delay_s`` before the time limit, or ``scancel
+  --signal=USR2 JOB``): rank 0 hands over to submitit's handler, which resubmits the same Hydra
+  job (``scontrol requeue`` under SLURM, up to ``max_num_timeout`` times for time limits; the
+  local executor restarts it) and exits; other ranks exit 0. The requeued job gets the same run
+  directory, finds the marker and resumes from ``last.pt``, continuing the same wandb run (its
+  id is in the checkpoint).
+- SIGTERM or SIGUSR1 (``scancel JOB``, SLURM preemption, torchrun, plain python): every rank
+  exits with :data:`EXIT_PREEMPTED` (3) and nothing is requeued by us: after ``scancel`` the
+  job stays ended; a partition with ``PreemptMode=REQUEUE`` requeues it itself, and the
+  requeued job resumes from the marker. Running the same command with the same
+  ``hydra.run.dir`` (or ``trainer.resume=RUN_DIR``) continues.
 """
 
 from __future__ import annotations
@@ -135,7 +140,10 @@ class PreemptionWatcher:
             record = {"signal": name, "step": step, "time": time.time()}
             (run_dir / MARKER).write_text(json.dumps(record) + "\n")
         pgdist.barrier()  # the marker exists before any rank exits
-        raise Preempted(self.agreed, step, run_dir, self._requeue)
+        # Only submitit's own signal asks for a requeue: SIGTERM is also what `scancel` sends,
+        # and `scontrol requeue` would bring a cancelled job back.
+        requeue = self._requeue if self.agreed == self._submitit_sig else None
+        raise Preempted(self.agreed, step, run_dir, requeue)
 
 
 def should_resume(run_dir: Path, auto_resume: bool) -> bool:

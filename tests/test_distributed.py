@@ -19,6 +19,7 @@ import torch
 from conftest import TINY
 
 from powergrad import distributed as pgdist
+from powergrad.config import ConfigError
 from powergrad.data.digits import materialize_digits
 from powergrad.data.sampling import epoch_permutation, rank_batches, shard_range, sharded_order
 
@@ -66,6 +67,50 @@ def test_torchrun_variables_win_over_the_submitit_job(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert pgdist.env_world() == (2, 4, 0) and pgdist.launcher() == "torchrun"
+
+
+def test_srun_step_rendezvous_from_slurms_variables():
+    # What SLURM 22.05 sets in task 1 of `srun -n 4` on two nodes (tests/test_slurm.py runs
+    # the real thing): torchrun's variables, the same MASTER_ADDR / MASTER_PORT in every task.
+    env = {
+        "SLURM_JOB_ID": "812",
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": "1",
+        "SLURM_LOCALID": "1",
+        "SLURM_STEP_NUM_TASKS": "4",
+        "SLURM_STEP_NODELIST": "gpu[007-008]",
+    }
+    rendezvous = pgdist.srun_rendezvous(env)
+    port = rendezvous.pop("MASTER_PORT")
+    assert rendezvous == {
+        "MASTER_ADDR": "gpu007",
+        "RANK": "1",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "1",
+    }
+    assert port == pgdist.srun_rendezvous({**env, "SLURM_PROCID": "3"})["MASTER_PORT"]
+    assert 20000 <= int(port) <= 60000
+    assert port != pgdist.srun_rendezvous({**env, "SLURM_STEP_ID": "1"})["MASTER_PORT"]
+    assert pgdist.srun_rendezvous({**env, "MASTER_PORT": "29500"})["MASTER_PORT"] == "29500"
+    hosts = ["vm", "gpu[003-010,012],cpu1", "rack[1-2]-n[05-06],x", "a1,a2"]
+    assert [pgdist.first_host(h) for h in hosts] == ["vm", "gpu003", "rack1-n05", "a1"]
+
+
+@pytest.mark.parametrize(
+    ("local_rank", "visible", "index"),
+    [(0, 1, 0), (3, 1, 0), (3, 4, 3), (0, 8, 0), (7, 8, 7)],
+)
+def test_device_is_the_local_ranks_gpu_or_the_only_one_visible(local_rank, visible, index):
+    # srun --gpus-per-task=1 (or GPU binding) shows each task one GPU: cuda:0, not cuda:3.
+    assert pgdist.cuda_index(local_rank, visible) == index
+
+
+def test_a_rank_without_a_gpu_of_its_own_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    with pytest.raises(ConfigError) as e:
+        pgdist.cuda_index(3, 2)
+    assert "local rank 3" in str(e.value) and "CUDA_VISIBLE_DEVICES=2,3" in str(e.value)
+    assert "\n" not in str(e.value)
 
 
 def _small_odd_digits(tmp_path):
