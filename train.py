@@ -101,7 +101,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if multirun and cfg.trainer.resume:
         raise ConfigError("trainer.resume continues one run; run it without -m / --multirun")
     validate_train(cfg)
-    dist = pgdist.setup(cfg.trainer.device)
+    dist = pgdist.setup(cfg.trainer.device, timeout_min=cfg.trainer.dist_timeout_min)
     cfg, run_dir, resume, changes = settle_run_dir(cfg, dist)
     t, device = cfg.trainer, dist.device
     threads, workers = resources.resolve(

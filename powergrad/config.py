@@ -203,6 +203,10 @@ class TrainerConfig:
     auto_resume: bool = False
     # With several ranks, agree on a preemption signal every N optimizer steps (one all-reduce).
     preempt_check_every_steps: int = 10
+    # With several ranks: minutes any collective waits for the slowest rank before the job fails
+    # (torch's NCCL default is 10). The first start on a large dataset waits in one while each
+    # node's local rank 0 checks the files (powergrad.data.layout.check_dataset_per_node).
+    dist_timeout_min: float = 30.0
 
 
 @dataclass
@@ -482,6 +486,8 @@ def validate_train(cfg: DictConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"loader.workers={w!r}: must be auto or an int >= 0")
     if t.epochs < 1:
         raise ConfigError(f"trainer.epochs={t.epochs}: must be >= 1")
+    if t.dist_timeout_min <= 0:
+        raise ConfigError(f"trainer.dist_timeout_min={t.dist_timeout_min}: must be > 0")
     if t.batch_size < 1:
         raise ConfigError(f"trainer.batch_size={t.batch_size}: must be >= 1 (the global batch)")
     if t.batch_size % world != 0:

@@ -372,6 +372,7 @@ _NOT_CONFIGURATION = (
     "trainer.threads",
     "trainer.device",
     "trainer.preempt_check_every_steps",
+    "trainer.dist_timeout_min",
     "trainer.log_every_steps",
     "trainer.checkpoint_every_steps",
     "trainer.keep_best",
