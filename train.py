@@ -118,6 +118,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         world_size=dist.world_size,
         device=device,
         seed=cfg.seed,
+        local_rank=dist.local_rank,
     )
     loader_cfg = dataclasses.replace(OmegaConf.to_object(cfg.loader), workers=workers)
     loaders = build_loaders(OmegaConf.to_object(cfg.data), loader_cfg, shard, run_dir=run_dir)
