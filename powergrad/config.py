@@ -230,6 +230,9 @@ class LoggerConfig:
     # Upload a checkpoint as a wandb Artifact (type "model") at the end of the run:
     # none | best (best.pt) | last (last.pt).
     log_checkpoints: str = "none"
+    # Seconds wandb.init may wait for the server (wandb's init_timeout); past it the run logs
+    # offline, with a warning naming the folder to `wandb sync` later.
+    init_timeout_s: float = 90.0
 
 
 @dataclass
@@ -477,6 +480,12 @@ def validate_train(cfg: DictConfig, world_size: int | None = None) -> None:
     _choices(cfg.logger.name, LOGGERS, "logger.name")
     _choices(cfg.logger.mode, WANDB_MODES, "logger.mode")
     _choices(cfg.logger.log_checkpoints, LOG_CHECKPOINTS, "logger.log_checkpoints")
+    if cfg.logger.init_timeout_s <= 0:
+        raise ConfigError(f"logger.init_timeout_s={cfg.logger.init_timeout_s}: must be > 0")
+    if cfg.logger.name == "wandb":
+        from powergrad.tracking import wandb_mode
+
+        wandb_mode(cfg.logger.mode)  # online without credentials: refused here, before any work
     t = cfg.trainer
     _check_precision(t.precision, t.device)
     if not (t.threads in ("auto", None) or (isinstance(t.threads, int) and t.threads >= 1)):
