@@ -233,9 +233,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             writer=writer,
         )
 
-    def validate(module: torch.nn.Module) -> dict[str, float]:
+    def validate(module: torch.nn.Module, compiled: bool = False) -> dict[str, float]:
         return evaluate(
-            module, loaders.val, device=device, amp_dtype=amp_dtype, channels_last=t.channels_last
+            module,
+            loaders.val,
+            device=device,
+            amp_dtype=amp_dtype,
+            channels_last=t.channels_last,
+            pad_last_batch=compiled,  # one input shape: no recompilation for the last batch
         )
 
     label = method_label(cfg.method.alpha, cfg.method.clip_mode, cfg.method.impl)
@@ -299,7 +304,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 train_s = time.perf_counter() - epoch_start
                 val = val_ema = None
                 if state.epoch + 1 == t.epochs or (state.epoch + 1) % t.eval_every_epochs == 0:
-                    val = validate(net)
+                    val = validate(net, compiled=t.compile)
                     val_ema = validate(ema.module) if ema is not None else None
                 record = {
                     "epoch": state.epoch + 1,

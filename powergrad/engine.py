@@ -242,20 +242,32 @@ def evaluate(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    pad_last_batch: bool = False,
 ) -> dict[str, float]:
     """Loss (plain CE), top-1 / top-5 (%) and logit statistics over the whole val split.
 
     Every rank evaluates its shard; sums are all-reduced, so each image counts exactly once.
+
+    ``pad_last_batch`` (for a ``torch.compile``d model): a batch smaller than the first is
+    padded with zero images to the first's size and the padding's logits are cut off before
+    any metric, so the model sees one input shape (no recompilation for the last, smaller
+    batch) and the metrics are those of the real images only. In eval mode every image's
+    output depends on that image alone, so the padding changes no real image's logits.
     """
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, images
     stats = LogitStats(device)
+    full = None  # the first batch's size: the shape the model is compiled for
     for images, target in loader:
+        n = target.shape[0]
+        full = full or n
+        if pad_last_batch and n < full:
+            images = torch.cat([images, images.new_zeros((full - n, *images.shape[1:]))])
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp_dtype):
             logits = model(images)
-        logits = logits.float()
+        logits = logits[:n].float()
         k = min(5, logits.shape[1])
         hits = logits.topk(k, dim=1).indices == target[:, None]
         sums += torch.stack(
