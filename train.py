@@ -50,6 +50,7 @@ from powergrad.engine import (
     evaluate,
     make_grad_scaler,
     optimizer_steps,
+    share_rank0_buffers,
     train_one_epoch,
 )
 from powergrad.fileio import DiskFullError
@@ -305,7 +306,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 val = val_ema = None
                 if state.epoch + 1 == t.epochs or (state.epoch + 1) % t.eval_every_epochs == 0:
                     val = validate(net, compiled=t.compile)
-                    val_ema = validate(ema.module) if ema is not None else None
+                    if ema is not None:
+                        share_rank0_buffers(ema.module)  # every rank scores rank 0's EMA
+                        val_ema = validate(ema.module)
                 record = {
                     "epoch": state.epoch + 1,
                     "step": state.step,

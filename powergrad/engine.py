@@ -31,6 +31,7 @@ __all__ = [
     "evaluate",
     "make_grad_scaler",
     "optimizer_steps",
+    "share_rank0_buffers",
     "train_one_epoch",
 ]
 
@@ -225,6 +226,21 @@ def train_one_epoch(
         step_loss = loss_sum / accum_steps if accum_steps > 1 else loss_sum
         pending, loss_sum = 0, None
         yield step_loss
+
+
+@torch.no_grad()
+def share_rank0_buffers(module: nn.Module) -> None:
+    """Overwrite ``module``'s buffers with rank 0's, on every rank (a collective; no-op on one
+    rank).
+
+    For the EMA under DDP: DDP hands every rank rank 0's BatchNorm buffers at each forward, but
+    each rank's forward then updates them with its own batch, and each rank's EMA averages its
+    own; the parameters are the same on all ranks (identical all-reduced gradients). After
+    this call every rank holds the EMA that rank 0 saves, so ``val_ema_*`` scores one model.
+    """
+    if pgdist.world_size() > 1:
+        for buffer in module.buffers():
+            torch.distributed.broadcast(buffer, src=0)
 
 
 def optimizer_steps(loader_batches: int, accum_steps: int) -> int:
