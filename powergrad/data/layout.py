@@ -430,11 +430,7 @@ def _write_listing(path: Path, token: str, listing: Listing | None, error: str |
     if listing is None:
         payload["error"] = error
     else:
-        payload["root"], payload["classes"], payload["bad"] = (
-            listing.root,
-            listing.classes,
-            listing.bad,
-        )
+        payload.update(root=listing.root, classes=listing.classes, bad=listing.bad)
         for split in SPLITS:
             names: list[list[str]] = [[] for _ in listing.classes]
             for s in listing.train if split == "train" else listing.val:
