@@ -149,14 +149,14 @@ def test_under_ddp_val_ema_scores_the_ema_that_rank_0_saves(tmp_path):
     # BatchNorm: each rank's forward updates its copy of rank 0's buffers with its own batch,
     # and each rank's EMA used to average its own. val_ema_* must be the score of one model:
     # the EMA in last.pt, evaluated here on the whole val split in one process.
-    data = _digits_subset(tmp_path / "digits", train_per_class=8, val_per_class=3)
+    data = _digits_subset(tmp_path / "digits", train_per_class=4, val_per_class=3)
     run = tmp_path / "run"
     common = [
         "model=resnet18",
         f"data.root={data}",
         "loader=torch",
         "loader.workers=0",
-        "trainer.batch_size=16",  # 2 ranks x 8: 5 steps
+        "trainer.batch_size=16",  # 2 ranks x 8: 2 steps
         "trainer.epochs=1",
         "trainer.warmup_epochs=0",
         "trainer.ema_decay=0.5",

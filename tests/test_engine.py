@@ -250,7 +250,14 @@ def test_compiled_evaluation_compiles_once_and_scores_like_eager():
     loaders = build_loaders(data, LoaderConfig(backend="torch", workers=0), Shard(batch_size=8))
     cpu = torch.device("cpu")
     torch.manual_seed(0)
-    model = build_model("resnet18", 4)
+    model = torch.nn.Sequential(  # tiny, with BatchNorm: train and eval differ
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 4),
+    )
     net = torch.compile(model, backend="eager")
 
     def train_step():
