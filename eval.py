@@ -68,6 +68,7 @@ def run_eval(cfg: DictConfig) -> dict:
         world_size=dist.world_size,
         device=dist.device,
         seed=cfg.seed,
+        local_rank=dist.local_rank,
     )
     _, workers = resources.resolve(None, cfg.loader.workers, accelerator=dist.device.type != "cpu")
     loader_cfg = dataclasses.replace(OmegaConf.to_object(cfg.loader), workers=workers)

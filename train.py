@@ -50,6 +50,7 @@ from powergrad.engine import (
     evaluate,
     make_grad_scaler,
     optimizer_steps,
+    share_rank0_buffers,
     train_one_epoch,
 )
 from powergrad.fileio import DiskFullError
@@ -101,7 +102,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if multirun and cfg.trainer.resume:
         raise ConfigError("trainer.resume continues one run; run it without -m / --multirun")
     validate_train(cfg)
-    dist = pgdist.setup(cfg.trainer.device)
+    dist = pgdist.setup(cfg.trainer.device, timeout_min=cfg.trainer.dist_timeout_min)
     cfg, run_dir, resume, changes = settle_run_dir(cfg, dist)
     t, device = cfg.trainer, dist.device
     threads, workers = resources.resolve(
@@ -118,6 +119,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         world_size=dist.world_size,
         device=device,
         seed=cfg.seed,
+        local_rank=dist.local_rank,
     )
     loader_cfg = dataclasses.replace(OmegaConf.to_object(cfg.loader), workers=workers)
     loaders = build_loaders(OmegaConf.to_object(cfg.data), loader_cfg, shard, run_dir=run_dir)
@@ -232,9 +234,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             writer=writer,
         )
 
-    def validate(module: torch.nn.Module) -> dict[str, float]:
+    def validate(module: torch.nn.Module, compiled: bool = False) -> dict[str, float]:
         return evaluate(
-            module, loaders.val, device=device, amp_dtype=amp_dtype, channels_last=t.channels_last
+            module,
+            loaders.val,
+            device=device,
+            amp_dtype=amp_dtype,
+            channels_last=t.channels_last,
+            pad_last_batch=compiled,  # one input shape: no recompilation for the last batch
         )
 
     label = method_label(cfg.method.alpha, cfg.method.clip_mode, cfg.method.impl)
@@ -298,8 +305,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 train_s = time.perf_counter() - epoch_start
                 val = val_ema = None
                 if state.epoch + 1 == t.epochs or (state.epoch + 1) % t.eval_every_epochs == 0:
-                    val = validate(net)
-                    val_ema = validate(ema.module) if ema is not None else None
+                    val = validate(net, compiled=t.compile)
+                    if ema is not None:
+                        share_rank0_buffers(ema.module)  # every rank scores rank 0's EMA
+                        val_ema = validate(ema.module)
                 record = {
                     "epoch": state.epoch + 1,
                     "step": state.step,

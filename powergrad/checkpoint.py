@@ -410,9 +410,20 @@ def init_weights(model: nn.Module, path: str | os.PathLike) -> bool:
 
 
 def configure_runtime(threads: int | None, deterministic: bool) -> None:
-    """CPU intra-op threads (None: torch's default) and the determinism switches."""
+    """CPU intra-op threads (None: torch's default) and the determinism switches.
+
+    ``deterministic``: torch.use_deterministic_algorithms (no warn_only: every op of our
+    training step has a deterministic CUDA kernel; timm's global average pool with a 1x1 output
+    is ATen's mean over H, W on every device, whose backward is deterministic, not
+    adaptive_avg_pool2d's kernel; tests/test_deterministic.py), no cuDNN autotuning, and
+    cuBLAS's deterministic workspace (``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless set), without
+    which the first CUDA matmul raises. Call it before the first CUDA matmul (train.py: right
+    after the process group is set up; cuBLAS reads the variable when it creates its handle).
+    """
     if threads:
         torch.set_num_threads(threads)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.benchmark = not deterministic
 

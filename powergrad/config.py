@@ -204,6 +204,10 @@ class TrainerConfig:
     auto_resume: bool = False
     # With several ranks, agree on a preemption signal every N optimizer steps (one all-reduce).
     preempt_check_every_steps: int = 10
+    # With several ranks: minutes any collective waits for the slowest rank before the job fails
+    # (torch's NCCL default is 10). The first start on a large dataset waits in one while each
+    # node's local rank 0 checks the files (powergrad.data.layout.check_dataset_per_node).
+    dist_timeout_min: float = 30.0
 
 
 @dataclass
@@ -227,6 +231,9 @@ class LoggerConfig:
     # Upload a checkpoint as a wandb Artifact (type "model") at the end of the run:
     # none | best (best.pt) | last (last.pt).
     log_checkpoints: str = "none"
+    # Seconds wandb.init may wait for the server (wandb's init_timeout); past it the run logs
+    # offline, with a warning naming the folder to `wandb sync` later.
+    init_timeout_s: float = 90.0
 
 
 @dataclass
@@ -480,6 +487,12 @@ def validate_train(cfg: DictConfig, world_size: int | None = None) -> None:
     _choices(cfg.logger.name, LOGGERS, "logger.name")
     _choices(cfg.logger.mode, WANDB_MODES, "logger.mode")
     _choices(cfg.logger.log_checkpoints, LOG_CHECKPOINTS, "logger.log_checkpoints")
+    if cfg.logger.init_timeout_s <= 0:
+        raise ConfigError(f"logger.init_timeout_s={cfg.logger.init_timeout_s}: must be > 0")
+    if cfg.logger.name == "wandb":
+        from powergrad.tracking import wandb_mode
+
+        wandb_mode(cfg.logger.mode)  # online without credentials: refused here, before any work
     t = cfg.trainer
     _check_precision(t.precision, t.device)
     if not (t.threads in ("auto", None) or (isinstance(t.threads, int) and t.threads >= 1)):
@@ -489,6 +502,8 @@ def validate_train(cfg: DictConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"loader.workers={w!r}: must be auto or an int >= 0")
     if t.epochs < 1:
         raise ConfigError(f"trainer.epochs={t.epochs}: must be >= 1")
+    if t.dist_timeout_min <= 0:
+        raise ConfigError(f"trainer.dist_timeout_min={t.dist_timeout_min}: must be > 0")
     if t.batch_size < 1:
         raise ConfigError(f"trainer.batch_size={t.batch_size}: must be >= 1 (the global batch)")
     if t.batch_size % world != 0:

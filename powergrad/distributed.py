@@ -24,6 +24,7 @@ No custom launcher. Rank 0 alone logs and writes files.
 
 from __future__ import annotations
 
+import datetime
 import os
 import random
 import re
@@ -46,6 +47,7 @@ __all__ = [
     "first_host",
     "gather_objects",
     "in_submitit_job",
+    "init_process_group_kwargs",
     "is_main",
     "launcher",
     "rank",
@@ -192,10 +194,35 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", cuda_index(local_rank, torch.cuda.device_count()))
 
 
-def setup(device_preference: str = "auto") -> DistInfo:
+# torch's own default for gloo; NCCL's is 10 minutes. Every collective waits at most this long
+# for the slowest rank (trainer.dist_timeout_min), including the start-up barrier behind which
+# each node's local rank 0 checks the dataset (powergrad.data.layout.check_dataset_per_node).
+DEFAULT_TIMEOUT_MIN = 30.0
+
+
+def init_process_group_kwargs(device: torch.device, timeout_min: float) -> dict[str, Any]:
+    """Keyword arguments of ``torch.distributed.init_process_group`` for a rank on ``device``.
+
+    NCCL on CUDA with ``device_id`` (the communicator is created now, bound to this rank's GPU,
+    instead of lazily at the first collective, and barriers know their device: no "guessing
+    device" warning); gloo on CPU. ``env://`` rendezvous; ``timeout_min`` minutes for any one
+    collective (``device`` must carry its index, as :func:`pick_device`'s does).
+    """
+    kwargs: dict[str, Any] = {
+        "backend": "nccl" if device.type == "cuda" else "gloo",
+        "init_method": "env://",
+        "timeout": datetime.timedelta(minutes=timeout_min),
+    }
+    if device.type == "cuda":
+        kwargs["device_id"] = device
+    return kwargs
+
+
+def setup(device_preference: str = "auto", timeout_min: float = DEFAULT_TIMEOUT_MIN) -> DistInfo:
     """Pick the device and, when the job has more than one rank, join the process group.
 
-    Backend: NCCL on GPU, gloo on CPU. Idempotent: a second call reuses the group.
+    Backend: NCCL on GPU, gloo on CPU (:func:`init_process_group_kwargs`); ``timeout_min``
+    bounds every collective. Idempotent: a second call reuses the group.
     """
     if not _torchrun() and _submitit() and env_world()[1] > 1:
         from submitit.helpers import TorchDistributedEnvironment
@@ -210,8 +237,7 @@ def setup(device_preference: str = "auto") -> DistInfo:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, init_method="env://")
+        dist.init_process_group(**init_process_group_kwargs(device, timeout_min))
     return DistInfo(rank, world_size, local_rank, device)
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "evaluate",
     "make_grad_scaler",
     "optimizer_steps",
+    "share_rank0_buffers",
     "train_one_epoch",
 ]
 
@@ -227,6 +228,21 @@ def train_one_epoch(
         yield step_loss
 
 
+@torch.no_grad()
+def share_rank0_buffers(module: nn.Module) -> None:
+    """Overwrite ``module``'s buffers with rank 0's, on every rank (a collective; no-op on one
+    rank).
+
+    For the EMA under DDP: DDP hands every rank rank 0's BatchNorm buffers at each forward, but
+    each rank's forward then updates them with its own batch, and each rank's EMA averages its
+    own; the parameters are the same on all ranks (identical all-reduced gradients). After
+    this call every rank holds the EMA that rank 0 saves, so ``val_ema_*`` scores one model.
+    """
+    if pgdist.world_size() > 1:
+        for buffer in module.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
 def optimizer_steps(loader_batches: int, accum_steps: int) -> int:
     """Optimizer steps per epoch: full groups of ``accum_steps`` loader batches (the partial
     group at the end is dropped). With a loader batch of global / accum_steps this equals the
@@ -242,20 +258,32 @@ def evaluate(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    pad_last_batch: bool = False,
 ) -> dict[str, float]:
     """Loss (plain CE), top-1 / top-5 (%) and logit statistics over the whole val split.
 
     Every rank evaluates its shard; sums are all-reduced, so each image counts exactly once.
+
+    ``pad_last_batch`` (for a ``torch.compile``d model): a batch smaller than the first is
+    padded with zero images to the first's size and the padding's logits are cut off before
+    any metric, so the model sees one input shape (no recompilation for the last, smaller
+    batch) and the metrics are those of the real images only. In eval mode every image's
+    output depends on that image alone, so the padding changes no real image's logits.
     """
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, images
     stats = LogitStats(device)
+    full = None  # the first batch's size: the shape the model is compiled for
     for images, target in loader:
+        n = target.shape[0]
+        full = full or n
+        if pad_last_batch and n < full:
+            images = torch.cat([images, images.new_zeros((full - n, *images.shape[1:]))])
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp_dtype):
             logits = model(images)
-        logits = logits.float()
+        logits = logits[:n].float()
         k = min(5, logits.shape[1])
         hits = logits.topk(k, dim=1).indices == target[:, None]
         sums += torch.stack(

@@ -2,8 +2,11 @@
 
 Files are the ground truth (always written, on rank 0); wandb mirrors them. wandb goes offline
 by itself when no credentials are configured (WANDB_API_KEY or a ~/.netrc entry for the wandb
-host), printing one line; a resumed run reuses the run id stored in its checkpoint, so an online
-run continues as the same wandb run.
+host), printing one line; online asked for explicitly (logger.mode=online, WANDB_MODE=online)
+without credentials is refused at start (:func:`wandb_mode`). wandb.init waits at most
+logger.init_timeout_s for the server, then the run logs offline with a warning (a node with
+credentials but no route to the server). A resumed run reuses the run id stored in its
+checkpoint, so an online run continues as the same wandb run.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import math
 import netrc
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,7 @@ __all__ = [
     "have_wandb_credentials",
     "run_name",
     "strict_json",
+    "wandb_mode",
     "write_json_atomic",
 ]
 
@@ -42,6 +47,11 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 FILTER_NORMS_FILE = "filter_norms.jsonl"
 _WANDB_HOST = "https://api.wandb.ai"
+# Values wandb itself accepts for $WANDB_MODE (wandb.Settings.mode); anything else makes
+# wandb.init fail with a validation traceback.
+_WANDB_ENV_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")
+# wandb.init's wait for the server when the logger config does not set it (wandb's own default).
+WANDB_INIT_TIMEOUT_S = 90.0
 # Step and epoch lines go through this logger: Hydra's job logging writes them to RUN_DIR/train.log
 # (and stdout).
 log = logging.getLogger("powergrad")
@@ -75,6 +85,32 @@ def have_wandb_credentials() -> bool:
         return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
     except (OSError, netrc.NetrcParseError):
         return False
+
+
+def wandb_mode(mode: str) -> str:
+    """The mode wandb runs in for ``logger.mode``: ``auto`` takes $WANDB_MODE, else online with
+    credentials and offline without; other values are taken as they are.
+
+    Raises ConfigError (one line, before any work) for online asked for explicitly, by
+    ``logger.mode=online`` or ``WANDB_MODE=online``, without credentials: wandb itself refuses
+    that without a terminal, after the run has started; and for a $WANDB_MODE wandb does not
+    accept. (``auto`` never needs credentials: it falls back to offline.)
+    """
+    from powergrad.config import ConfigError
+
+    env = os.environ.get("WANDB_MODE")
+    if env is not None and env not in _WANDB_ENV_MODES:
+        raise ConfigError(f"WANDB_MODE={env!r}: wandb accepts {', '.join(_WANDB_ENV_MODES)}")
+    resolved = mode
+    if mode == "auto":
+        resolved = env or ("online" if have_wandb_credentials() else "offline")
+    if resolved == "online" and not have_wandb_credentials():
+        source = "logger.mode=online" if mode == "online" else "WANDB_MODE=online"
+        raise ConfigError(
+            f"{source} but no wandb credentials (WANDB_API_KEY or a ~/.netrc entry): run "
+            "`wandb login` first, or log offline (logger.mode=offline) and `wandb sync` later"
+        )
+    return resolved
 
 
 def _json_default(value: Any) -> Any:
@@ -233,17 +269,13 @@ class Tracker:
             return
         import wandb
 
-        mode = logger.mode
-        if mode == "auto":
-            mode = os.environ.get("WANDB_MODE") or (
-                "online" if have_wandb_credentials() else "offline"
+        mode = wandb_mode(logger.mode)
+        if logger.mode == "auto" and mode == "offline" and not os.environ.get("WANDB_MODE"):
+            print(
+                "wandb: no credentials (WANDB_API_KEY or ~/.netrc), logging offline to "
+                f"{self.run_dir / 'wandb'}; upload later with `wandb sync`"
             )
-            if mode == "offline" and not os.environ.get("WANDB_MODE"):
-                print(
-                    "wandb: no credentials (WANDB_API_KEY or ~/.netrc), logging offline to "
-                    f"{self.run_dir / 'wandb'}; upload later with `wandb sync`"
-                )
-        self.wandb_run = wandb.init(
+        init = dict(
             project=logger.project,
             entity=logger.entity,
             dir=str(self.run_dir),
@@ -253,9 +285,25 @@ class Tracker:
             job_type=logger.job_type or job_type or "train",
             id=run_id,
             resume="allow" if run_id else None,
-            mode=mode,
             name=name or self.run_dir.name,
         )
+        # Bounded: the other ranks go on to their first collective meanwhile, which waits far
+        # longer (trainer.dist_timeout_min) than this.
+        timeout_s = logger.get("init_timeout_s") or WANDB_INIT_TIMEOUT_S
+        try:
+            self.wandb_run = wandb.init(
+                **init, mode=mode, settings=wandb.Settings(init_timeout=timeout_s)
+            )
+        except wandb.errors.CommError as e:  # no route to the server, timeout, server error
+            if mode == "offline":
+                raise
+            self.wandb_run, mode = wandb.init(**init, mode="offline"), "offline"
+            print(
+                f"warning: wandb could not start an online run within {timeout_s:g} s "
+                f"({str(e).splitlines()[0]}); logging offline instead, upload later with "
+                f"`wandb sync {Path(self.wandb_run.dir).parent}`",
+                file=sys.stderr,
+            )
         self.run_id = self.wandb_run.id
         # wandb-osh protocol (compute nodes without internet): after each epoch, a
         # <hash>.command file holding the offline run's directory tells `wandb-osh
@@ -372,6 +420,7 @@ _NOT_CONFIGURATION = (
     "trainer.threads",
     "trainer.device",
     "trainer.preempt_check_every_steps",
+    "trainer.dist_timeout_min",
     "trainer.log_every_steps",
     "trainer.checkpoint_every_steps",
     "trainer.keep_best",

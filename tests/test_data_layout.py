@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 from imagefiles import jpeg_bytes, write_odd_files
@@ -11,6 +15,8 @@ from imagefiles import jpeg_bytes, write_odd_files
 from powergrad.data.generate import photo_like, write_image_folder
 from powergrad.data.layout import (
     DatasetError,
+    _read_listing,
+    _write_listing,
     check_dataset,
     read_bad_manifest,
     sniff_bytes,
@@ -175,3 +181,43 @@ def test_flat_val_folder_points_to_prepare_script(tiny):
     with pytest.raises(DatasetError, match=r"prepare_imagenet\.py") as err:
         check_dataset(tiny)
     assert str(tiny / "val") in str(err.value)
+
+
+def test_the_listing_a_node_shares_reads_back_equal_and_only_for_its_start(tiny, tmp_path):
+    (tiny / "train" / next(p.name for p in (tiny / "train").iterdir()) / "x.JPEG").write_bytes(b"")
+    with pytest.warns(UserWarning, match="empty file"):
+        listing = check_dataset(tiny)
+    path = tmp_path / "listing.json"
+    _write_listing(path, "start-1", listing, None)
+    assert _read_listing(path, "start-1") == (listing, None)
+    assert _read_listing(path, "start-1")[0].digest() == listing.digest()
+    assert _read_listing(path, "start-2") is None  # another start's file: check yourself
+    _write_listing(path, "start-3", None, "empty class folders:\n  /data/train/n1")
+    assert _read_listing(path, "start-3") == (None, "empty class folders:\n  /data/train/n1")
+
+
+def test_under_ddp_one_rank_per_node_lists_and_sniffs_the_files(tmp_path):
+    # scripts/bench_scan.py at toy size: 2 gloo ranks (torchrun) check a generated tree with
+    # check_dataset on every rank (before) and check_dataset_per_node (after); an audit hook on
+    # each rank counts the folders it listed and the dataset files it opened.
+    bench = Path(__file__).resolve().parents[1] / "scripts" / "bench_scan.py"
+    args = ["--files=40", "--classes=4", "--ranks=2", "--rounds=1"]
+    proc = subprocess.run(
+        [sys.executable, str(bench), *args], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out["files"] == 40 and out["same_listing_everywhere"]
+    folders = 2 + 2 * 4  # train/ and val/, then each class folder of both
+    before, after = out["variants"]["before_cold"], out["variants"]["after_cold"]
+    assert [(r["dirs_listed"], r["files_opened"]) for r in before["per_rank"]] == [
+        (folders, 40)
+    ] * 2
+    assert [(r["dirs_listed"], r["files_opened"]) for r in after["per_rank"]] == [
+        (folders, 40),
+        (0, 0),
+    ]
+    # Warm cache (every later start): the files are listed (stat'ed), not reopened.
+    warm = out["variants"]["after_warm"]["per_rank"]
+    assert [(r["dirs_listed"], r["files_opened"]) for r in warm] == [(folders, 0), (0, 0)]
+    assert set(out["ratios"]) == {"before_over_after_wall_cold", "before_over_after_wall_warm"}

@@ -6,6 +6,7 @@ separately are not 64 normalized together and the weights legitimately differ. W
 only difference is the order of floating-point sums (gradient all-reduce), hence allclose.
 """
 
+import datetime
 import json
 import os
 import shutil
@@ -16,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, compose_train
 
 from powergrad import distributed as pgdist
-from powergrad.config import ConfigError
+from powergrad.config import ConfigError, validate_train
 from powergrad.data.digits import materialize_digits
 from powergrad.data.sampling import epoch_permutation, rank_batches, shard_range, sharded_order
 
@@ -210,3 +211,24 @@ def test_two_rank_torchrun_multirun_uses_one_sweep_directory(tmp_path):
     assert len(summaries) == 2
     assert {json.loads(p.read_text())["world_size"] for p in summaries} == {2}
     assert not (tmp_path / "outputs").exists()
+
+
+def test_init_kwargs_bind_nccl_to_the_ranks_gpu_and_set_the_timeout():
+    gpu = pgdist.init_process_group_kwargs(torch.device("cuda", 3), timeout_min=45)
+    assert gpu == {
+        "backend": "nccl",
+        "init_method": "env://",
+        "timeout": datetime.timedelta(minutes=45),
+        "device_id": torch.device("cuda", 3),
+    }
+    cpu = pgdist.init_process_group_kwargs(torch.device("cpu"), timeout_min=30)
+    assert cpu == {
+        "backend": "gloo",
+        "init_method": "env://",
+        "timeout": datetime.timedelta(minutes=30),
+    }
+
+
+def test_a_timeout_that_is_not_positive_is_refused():
+    with pytest.raises(ConfigError, match=r"^trainer\.dist_timeout_min=0\.0: must be > 0"):
+        validate_train(compose_train(*TINY, "trainer.dist_timeout_min=0"))

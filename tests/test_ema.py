@@ -1,7 +1,10 @@
 """EMA of the weights (trainer.ema_decay, timm's ModelEmaV3): the recurrence, the val_ema_*
-records, and an exact resume with EMA on (SIGKILL mid-epoch, then trainer.resume)."""
+records, an exact resume with EMA on (SIGKILL mid-epoch, then trainer.resume), and under DDP
+one EMA on every rank (2 gloo ranks, torchrun)."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,13 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import compose_train, history_without_timing, kill_at_checkpoint, train_in_process
+from omegaconf import OmegaConf
 from timm.utils import ModelEmaV3
 
 from powergrad.checkpoint import TrainState
 from powergrad.data import Shard, build_loaders
 from powergrad.data.config import DataConfig, LoaderConfig
-from powergrad.engine import EpochMeter, make_grad_scaler, train_one_epoch
-from powergrad.models import build_model
+from powergrad.data.digits import materialize_digits
+from powergrad.engine import EpochMeter, evaluate, make_grad_scaler, train_one_epoch
+from powergrad.models import build_model, load_state_dict_strict
 from powergrad.optim import build_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,3 +132,57 @@ def test_sigkill_mid_epoch_then_resume_keeps_the_ema_exact(tmp_path):
         assert torch.equal(a["ema"][key], b["ema"][key]), key
     assert history_without_timing(full) == history_without_timing(broken)
     assert "val_ema_top1" in history_without_timing(full)[-1]
+
+
+def _digits_subset(root, train_per_class, val_per_class):
+    """The first files of each digit class, copied (real PNGs, ImageNet layout)."""
+    src = materialize_digits()
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for label in sorted(p.name for p in (src / split).iterdir()):
+            (root / split / label).mkdir(parents=True)
+            for f in sorted((src / split / label).iterdir())[:count]:
+                shutil.copy(f, root / split / label / f.name)
+    return root
+
+
+def test_under_ddp_val_ema_scores_the_ema_that_rank_0_saves(tmp_path):
+    # BatchNorm: each rank's forward updates its copy of rank 0's buffers with its own batch,
+    # and each rank's EMA used to average its own. val_ema_* must be the score of one model:
+    # the EMA in last.pt, evaluated here on the whole val split in one process.
+    data = _digits_subset(tmp_path / "digits", train_per_class=4, val_per_class=3)
+    run = tmp_path / "run"
+    common = [
+        "model=resnet18",
+        f"data.root={data}",
+        "loader=torch",
+        "loader.workers=0",
+        "trainer.batch_size=16",  # 2 ranks x 8: 2 steps
+        "trainer.epochs=1",
+        "trainer.warmup_epochs=0",
+        "trainer.ema_decay=0.5",
+        "trainer.threads=1",
+        "trainer.progress=false",
+        "logger=none",
+    ]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run(
+        [*torchrun, str(ROOT / "train.py"), *common, f"hydra.run.dir={run}"],
+        env={**env, "OMP_NUM_THREADS": "1", "SUBMITIT_EXECUTOR": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    (record,) = history_without_timing(run)
+
+    cfg = compose_train(*common)
+    shard = Shard(batch_size=8, device=torch.device("cpu"))
+    loaders = build_loaders(OmegaConf.to_object(cfg.data), OmegaConf.to_object(cfg.loader), shard)
+    last = torch.load(run / "last.pt", weights_only=True)
+    for weights, prefix in ((last["ema"], "val_ema_"), (last["model"], "val_")):
+        model = load_state_dict_strict(build_model("resnet18", 10), weights)
+        single = evaluate(model, loaders.val, device=torch.device("cpu"))
+        assert record[f"{prefix}images"] == single["images"] == 30
+        assert record[f"{prefix}top1"] == single["top1"], prefix
+        assert record[f"{prefix}loss"] == pytest.approx(single["loss"], rel=1e-5), prefix

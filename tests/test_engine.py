@@ -230,3 +230,61 @@ def test_skip_nonfinite_steps_skips_like_the_fp16_scaler_and_is_exact_otherwise(
         plain_opt.step()
     for k, v in plain.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_compiled_evaluation_compiles_once_and_scores_like_eager():
+    # 20 val images in batches of 8: 8, 8, 4. Dynamo's guards, hence its recompilations, do not
+    # depend on the backend; "eager" runs the captured graphs with the ordinary kernels
+    # (inductor's C++ build takes minutes on 2 cores; the GPU check compiles for real).
+    from torch._dynamo.utils import counters
+
+    from powergrad.data.config import DataConfig, LoaderConfig
+
+    data = DataConfig(
+        name="synthetic",
+        num_classes=4,
+        image_size=16,
+        synthetic_train_images=16,
+        synthetic_val_images=20,
+    )
+    loaders = build_loaders(data, LoaderConfig(backend="torch", workers=0), Shard(batch_size=8))
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(  # tiny, with BatchNorm: train and eval differ
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 4),
+    )
+    net = torch.compile(model, backend="eager")
+
+    def train_step():
+        model.train()
+        images, target = next(iter(loaders.train.epoch(0)))
+        F.cross_entropy(net(images), target).backward()
+
+    def graphs():
+        return counters["stats"]["unique_graphs"]
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        train_step()
+        assert graphs() == 1
+        compiled = evaluate(net, loaders.val, device=cpu, pad_last_batch=True)
+        # Eval mode without grad: one compilation, the last batch (4 images) included.
+        assert graphs() == 2
+        eager = evaluate(model, loaders.val, device=cpu)
+        train_step()
+        evaluate(net, loaders.val, device=cpu, pad_last_batch=True)
+        assert graphs() == 2  # the next epoch reuses both graphs
+        evaluate(net, loaders.val, device=cpu)
+        assert graphs() == 3  # unpadded, the smaller last batch is compiled once more
+    finally:
+        torch._dynamo.reset()
+    assert compiled["images"] == eager["images"] == 20
+    assert compiled["top1"] == eager["top1"] and compiled["top5"] == eager["top5"]
+    for key in ("loss", "logit_norm", "logit_mean", "logit_max", "logit_var"):
+        assert compiled[key] == pytest.approx(eager[key], rel=1e-5), key

@@ -1,13 +1,18 @@
 """Tracker: real offline wandb runs read back from disk, metrics.jsonl, summary.json."""
 
 import json
+import os
+import socket
+import threading
+import time
 
 import pytest
 from conftest import TINY as CONFTEST_TINY
-from conftest import train_in_process
+from conftest import compose_train, run_train, tiny, train_in_process
 from omegaconf import OmegaConf
 from wandb_offline import read_offline_run
 
+from powergrad.config import ConfigError, validate_train
 from powergrad.tracking import (
     Tracker,
     best_so_far,
@@ -229,3 +234,84 @@ def test_a_run_names_itself_shares_its_job_type_and_uploads_its_checkpoint(tmp_p
     assert artifact["metadata"]["val_top1_best"] == summary["val_top1_best"]
     assert "val_top1" not in run["summary"] and "val/top1" in run["summary"]
     assert json.loads((run_dir / "summary.json").read_text())["val_top1"] == summary["val_top1"]
+
+
+def _fresh_clone_env(tmp_path, **extra):
+    """This process's environment without wandb credentials, mode or service."""
+    drop = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_SERVICE", "WANDB_BASE_URL")
+    netrc = tmp_path / "empty_netrc"
+    netrc.write_text("")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    return {**env, "NETRC": str(netrc), **extra}
+
+
+def test_online_without_credentials_is_refused_in_one_line_leaving_nothing(tmp_path):
+    started = time.monotonic()
+    env = _fresh_clone_env(tmp_path, WANDB_MODE="online")
+    proc = run_train([*tiny("logger=wandb")], cwd=tmp_path, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1].startswith(
+        "error: WANDB_MODE=online but no wandb credentials"
+    )
+    assert "Traceback" not in proc.stderr
+    assert not list((tmp_path / "outputs").rglob("*"))  # no run directory, no wandb folder
+    assert time.monotonic() - started < 110
+
+
+def test_online_by_config_or_a_bad_wandb_mode_is_a_config_error(no_credentials, monkeypatch):
+    with pytest.raises(ConfigError, match=r"^logger\.mode=online but no wandb credentials"):
+        validate_train(compose_train(*tiny("logger=wandb", "logger.mode=online")))
+    validate_train(compose_train(*tiny("logger=wandb", "logger.mode=auto")))  # offline instead
+    with pytest.raises(ConfigError, match=r"^logger\.init_timeout_s=0\.0: must be > 0"):
+        validate_train(compose_train(*tiny("logger=wandb", "logger.init_timeout_s=0")))
+    monkeypatch.setenv("WANDB_MODE", "onlin")
+    with pytest.raises(ConfigError, match=r"^WANDB_MODE='onlin': wandb accepts online, offline"):
+        validate_train(compose_train(*tiny("logger=wandb")))
+
+
+@pytest.fixture
+def silent_server():
+    """A local port that accepts connections and never answers: a wandb host out of reach."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept():
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:  # closed at teardown
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+    for conn in held:
+        conn.close()
+
+
+def test_unreachable_wandb_server_falls_back_to_offline_within_the_timeout(
+    tmp_path, silent_server, monkeypatch, capsys
+):
+    import wandb
+
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", silent_server)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    wandb.teardown()  # wandb reads its environment once per set-up of the process
+    try:
+        started = time.monotonic()
+        tracker = Tracker(tmp_path, {"a": 1}, _logger(mode="online", init_timeout_s=2))
+        waited = time.monotonic() - started
+        tracker.log_epoch([{"epoch": 1, "val_top1": 5.0}])
+        tracker.finish(exit_code=0)
+    finally:
+        wandb.teardown()  # the next test's wandb takes its own environment
+    (offline,) = tmp_path.glob("wandb/offline-run-*")
+    (warning,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning")]
+    assert warning.startswith("warning: wandb could not start an online run within 2 s (")
+    assert silent_server in warning  # it asked the server it was given
+    assert warning.endswith(f"logging offline instead, upload later with `wandb sync {offline}`")
+    assert waited < 60  # 2 s, plus starting wandb's service
+    run = read_offline_run(tmp_path)
+    assert run["id"] == tracker.run_id and run["exit_code"] == 0
+    assert [h["epoch"] for h in run["history"] if "val/top1" in h] == [1]

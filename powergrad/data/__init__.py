@@ -39,6 +39,7 @@ from powergrad.data.layout import (
     DatasetError,
     Listing,
     check_dataset,
+    check_dataset_per_node,
     default_cache_dir,
     file_list_change,
 )
@@ -123,8 +124,10 @@ def build_loaders(
             val_images=data.synthetic_val_images,
         )
 
-    listing = check_dataset(
+    # One rank per node checks the files; the node's other ranks read its listing.
+    listing = check_dataset_per_node(
         dataset_root(data),
+        local_rank=shard.local_rank,
         on_bad_file=data.on_bad_file,
         bad_manifest=data.bad_files,
         cache_dir=default_cache_dir(),

@@ -107,6 +107,8 @@ class Shard:
     """Where this process's loaders run: rank of world_size, per-rank batch, device, run seed.
 
     Defaults: one process on the CPU, seed 0. `device` may be given as a string ("cuda:1").
+    `local_rank` (this process's index on its node) picks the rank that checks the dataset
+    for the whole node (local rank 0; powergrad.data.layout.check_dataset_per_node).
     """
 
     batch_size: int  # per rank: the global batch / world_size
@@ -114,6 +116,7 @@ class Shard:
     world_size: int = 1
     device: torch.device = _CPU
     seed: int = 0
+    local_rank: int = 0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.world_size < 1 or not 0 <= self.rank < self.world_size:

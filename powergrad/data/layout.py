@@ -4,8 +4,9 @@ The check runs before any model is built and reports every problem with its path
 missing split, empty class, train/val class mismatch, and files that cannot be decoded.
 `sniff_file` is the cheap test (size, magic bytes, end marker); its results are cached per
 dataset keyed by the listing (path, size, mtime), so a second start does not reread the files.
-scripts/check_dataset.py does the full decode scan and writes a bad-file manifest
-(`read_bad_manifest`), which the loaders also skip.
+Under DDP one rank per node runs the check (`check_dataset_per_node`) and the node's other ranks
+read its listing from the cache. scripts/check_dataset.py does the full decode scan and writes a
+bad-file manifest (`read_bad_manifest`), which the loaders also skip.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import warnings
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from powergrad import distributed as pgdist
 from powergrad.fileio import atomic_write
 
 SPLITS = ("train", "val")
@@ -28,6 +31,7 @@ BAD_MANIFEST_NAME = "bad_files.tsv"
 # hundred bytes of padding after EOI, which are valid.
 _TAIL_BYTES = 4096
 _CHECK_CACHE_VERSION = 1
+_LISTING_CACHE_VERSION = 1
 
 
 class DatasetError(ValueError):
@@ -232,6 +236,11 @@ def _atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, text)
 
 
+def _cache_file(cache_dir: Path, root: Path, suffix: str) -> Path:
+    root_id = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    return cache_dir / "checks" / f"{root_id}{suffix}"
+
+
 def cheap_check(
     root: Path, entries: list[tuple[str, os.DirEntry]], cache_dir: Path | None, threads: int = 8
 ) -> dict[str, str]:
@@ -239,8 +248,7 @@ def cheap_check(
     key, _ = _listing_key(root, entries)
     cache_file = None
     if cache_dir is not None:
-        root_id = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
-        cache_file = cache_dir / "checks" / f"{root_id}.json"
+        cache_file = _cache_file(cache_dir, root, ".json")
         try:
             cached = json.loads(cache_file.read_text())
             if cached.get("version") == _CHECK_CACHE_VERSION and cached.get("key") == key:
@@ -373,3 +381,82 @@ def check_dataset(
             + "\nremove the class on both splits or replace its files"
         )
     return Listing(str(root_path), classes, samples["train"], samples["val"], bad)
+
+
+def check_dataset_per_node(
+    root: str | os.PathLike, *, local_rank: int, cache_dir: Path, **check: object
+) -> Listing:
+    """:func:`check_dataset` once per node: its local rank 0 checks, the others read its result.
+
+    Every rank of a node would otherwise list (one stat per file) and, on a first start, sniff
+    every file of the dataset: 8 ranks x 1.33M files for ImageNet on a shared filesystem.
+    Here the node's local rank 0 runs the check and writes the listing (or the DatasetError it
+    raised) to ``CACHE/checks/<root id>.listing.json`` with a token drawn for this start; after
+    a barrier the node's other ranks read it. The barrier is an ordinary collective: it waits
+    for the slowest node's check, up to the process group's timeout (trainer.dist_timeout_min).
+    A rank that finds another token there (a cache it cannot write, another job starting on the
+    same dataset at the same moment) checks the dataset itself. Without a process group of more
+    than one rank this is :func:`check_dataset`. ``check``: check_dataset's keyword arguments.
+    """
+    if pgdist.world_size() == 1:
+        return check_dataset(root, cache_dir=cache_dir, **check)
+    token = pgdist.broadcast_object(secrets.token_hex(8))
+    path = _cache_file(cache_dir, Path(root), ".listing.json")
+    listing = error = None
+    if local_rank == 0:
+        try:
+            listing = check_dataset(root, cache_dir=cache_dir, **check)
+        except DatasetError as e:
+            error = str(e)
+        try:
+            _write_listing(path, token, listing, error)
+        except OSError as e:
+            warnings.warn(
+                f"cannot share the dataset check with this node's ranks: {e}", stacklevel=2
+            )
+    pgdist.barrier()
+    if local_rank != 0:
+        listing, error = _read_listing(path, token) or (None, None)
+        if listing is None and error is None:
+            listing = check_dataset(root, cache_dir=cache_dir, **check)
+    if error is not None:
+        raise DatasetError(error)
+    return listing
+
+
+def _write_listing(path: Path, token: str, listing: Listing | None, error: str | None) -> None:
+    """The check's result as JSON: per split, each class's file names in listing order."""
+    payload: dict[str, object] = {"token": token, "version": _LISTING_CACHE_VERSION}
+    if listing is None:
+        payload["error"] = error
+    else:
+        payload.update(root=listing.root, classes=listing.classes, bad=listing.bad)
+        for split in SPLITS:
+            names: list[list[str]] = [[] for _ in listing.classes]
+            for s in listing.train if split == "train" else listing.val:
+                names[s.label].append(s.path.rsplit("/", 1)[1])
+            payload[split] = names
+    _atomic_write_text(path, json.dumps(payload, separators=(",", ":")))
+
+
+def _read_listing(path: Path, token: str) -> tuple[Listing | None, str | None] | None:
+    """(listing, None) or (None, error) written by this start's local rank 0; None otherwise."""
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if payload.get("token") != token or payload.get("version") != _LISTING_CACHE_VERSION:
+        return None
+    if "error" in payload:
+        return None, payload["error"]
+    classes = payload["classes"]
+    samples = {
+        split: [
+            Sample(f"{split}/{cls}/{name}", label)
+            for label, cls in enumerate(classes)
+            for name in payload[split][label]
+        ]
+        for split in SPLITS
+    }
+    listing = Listing(payload["root"], classes, samples["train"], samples["val"], payload["bad"])
+    return listing, None
