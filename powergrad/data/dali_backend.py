@@ -5,7 +5,7 @@ Train: one pipeline per epoch, seeded from (seed, epoch, rank, world_size), read
 batches of the epoch's global permutation (powergrad.data.sampling, shared with the torch
 backend). So epoch e's batches depend on (seed, e, rank, world_size) only, never on earlier
 epochs having run. The file order does not go into the pipeline definition: an external source
-hands DALI each batch's paths (a Python callable of the batch index, `_EpochFeed`) and
+hands DALI each batch's paths (a Python callable of the batch index, `EpochFeed`) and
 `fn.io.file.read` reads the files on DALI's threads.
 
 Why (scripts/bench_dali_epochs.py: 1.28M train files, world size 8, rank 0). Building a
@@ -127,7 +127,7 @@ def _normalize_args(data: DataConfig, channels_last: bool) -> dict:
     }
 
 
-class _EpochFeed:
+class EpochFeed:
     """The external source of one epoch: batch b's file paths and int32 labels.
 
     Called by DALI with the batch index (0.., restored from a DALI checkpoint) from the thread
@@ -155,7 +155,7 @@ class _EpochFeed:
 
 
 @pipeline_def(enable_checkpointing=True)
-def train_pipeline(feed: _EpochFeed, data: DataConfig, gpu: bool, channels_last: bool):
+def train_pipeline(feed: EpochFeed, data: DataConfig, gpu: bool, channels_last: bool):
     """Read the files `feed` names, decode a random crop (area crop_scale_min..1, aspect
     3/4..4/3), resize to image_size (bilinear, antialiased), random flip, normalize."""
     padded, lengths, label = fn.external_source(
@@ -209,7 +209,9 @@ def val_pipeline(
     return images, label.gpu() if gpu else label
 
 
-def _pipe_kwargs(loader: LoaderConfig, batch_size: int, device: torch.device) -> dict:
+def pipeline_kwargs(loader: LoaderConfig, batch_size: int, device: torch.device) -> dict:
+    """Pipeline arguments: batch, loader.workers DALI threads, the CUDA device (None: CPU),
+    loader.prefetch batches prepared ahead."""
     gpu = device.type == "cuda"
     return {
         "batch_size": batch_size,
@@ -312,7 +314,7 @@ class DaliTrainLoader:
         self.bad_log = bad_log
         self.steps = train_steps(len(self.files), shard.batch_size, shard.world_size)
         # Resolved here: a thread building ahead has its own current CUDA device.
-        self._pipe_kwargs = _pipe_kwargs(loader, shard.batch_size, shard.device)
+        self._pipeline_kwargs = pipeline_kwargs(loader, shard.batch_size, shard.device)
         self._running: _Running | None = None  # the pipeline of the epoch being read
         # DALI checkpoint after the last batch read from the pipeline (~0.1 ms per batch).
         self._checkpoint: bytes | None = None
@@ -359,7 +361,7 @@ class DaliTrainLoader:
     def _build(self, epoch: int, checkpoint: bytes | None, bad: frozenset[int]) -> _Running:
         """Epoch `epoch`'s pipeline (files in `bad` replaced), from `checkpoint` if given."""
         s = self.shard
-        feed = _EpochFeed(self.files, self.labels, self._order(epoch, bad), s.batch_size)
+        feed = EpochFeed(self.files, self.labels, self._order(epoch, bad), s.batch_size)
         pipe = train_pipeline(
             feed,
             self.data,
@@ -367,7 +369,7 @@ class DaliTrainLoader:
             s.channels_last,
             seed=derive_seed(s.seed, epoch, s.rank, s.world_size, STREAM_DALI),
             checkpoint=checkpoint,
-            **self._pipe_kwargs,
+            **self._pipeline_kwargs,
         )
         try:
             pipe.build()
@@ -561,7 +563,7 @@ class DaliEvalLoader:
             self.device.type == "cuda",
             self.shard.channels_last,
             seed=0,
-            **_pipe_kwargs(self.loader, self.shard.batch_size, self.device),
+            **pipeline_kwargs(self.loader, self.shard.batch_size, self.device),
         )
         try:
             pipe.build()
