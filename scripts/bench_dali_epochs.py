@@ -10,8 +10,9 @@ with --threads threads and prefetch 2.
 Designs, run one after the other in this process on the same list (--epochs epochs each):
   old  the DALI train loader before this change, rebuilt here: every epoch one pipeline over the
        whole epoch list (fn.readers.file(files=..., labels=..., shard_id=rank,
-       num_shards=world_size)), the next epoch's built on a thread once `prefetch` batches are
-       left, the finished one dropped (freed when the garbage collector gets to it);
+       num_shards=world_size)), its DALI checkpoint taken after every batch, the next epoch's
+       built on a thread once `prefetch` batches are left, the finished one dropped (freed
+       once nothing refers to it, never shut down explicitly);
   new  powergrad.data.dali_backend.DaliTrainLoader.
 
 The consumer is the training thread: it takes a batch, then sleeps --step-ms (a training step
@@ -28,6 +29,9 @@ Printed per design (JSON), over the boundary windows:
   max_live_pipelines  DALI pipelines built and not shut down, sampled at every tick (on a GPU
                       each holds device memory); live_after_close after the loader's close().
   first_batch_s       the run's first batch (the first build; not part of any boundary).
+throughput: images/s of each design mid-epoch (--rate-batches batches taken as fast as DALI
+makes them; with tiny JPEGs that is the per-batch and per-sample cost of reading rather than
+decoding), --rounds rounds alternating, and the new/old ratio (geometric mean, 95% interval).
 build_costs: each way to hand DALI one epoch's order at this size, in seconds and the largest GIL
 gap meanwhile: the lists of paths and labels, the pipeline definition (DALI converts the
 arguments), Pipeline.build() (C++), for the whole list sharded by the reader (old), one rank's
@@ -39,11 +43,11 @@ Not measured here: the mixed (GPU) decoder's build and first batch, device memor
 --device cuda on a GPU: it then also prints the device memory in use after each boundary, flat
 when no pipeline leaks), the decode rate of real ImageNet JPEGs (scripts/bench_data.py), disk
 reads (the few files stay in the page cache), validation between epochs (which the new design's
-build ahead overlaps; here the next epoch starts at once, the worst case).
+build ahead overlaps; here only the last step, --step-ms, lies between two epochs).
 
 Usage: python scripts/bench_dali_epochs.py [--images 1281167] [--world-size 8] [--rank 0]
            [--batch 128] [--epochs 2] [--window 10] [--step-ms 20] [--threads 2]
-           [--image-px 32] [--crop 16] [--device cpu]
+           [--image-px 32] [--crop 16] [--device cpu] [--rounds 3] [--rate-batches 200]
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ import torch
 # Running as `python scripts/bench_dali_epochs.py` from the repo root: make `powergrad` importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_job import git_sha  # scripts/ is on sys.path when run as a script
+from bench_job import git_sha, ratio_ci  # scripts/ is on sys.path when run as a script
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
@@ -91,7 +95,7 @@ from powergrad.data.sampling import (
 )
 
 
-@pipeline_def
+@pipeline_def(enable_checkpointing=True)
 def reader_pipeline(reader: dict, data: DataConfig, gpu: bool):
     """The old train pipeline: fn.readers.file with `reader`'s list arguments, then the same
     decode, crop, resize, flip and normalize as powergrad.data.dali_backend.train_pipeline."""
@@ -125,7 +129,8 @@ def reader_pipeline(reader: dict, data: DataConfig, gpu: bool):
 
 
 class OldDesignLoader:
-    """The old DaliTrainLoader's pipeline handling (no bad files, no checkpoints)."""
+    """The old DaliTrainLoader's pipeline handling, its DALI checkpoint after every batch
+    included (no bad files, no resume)."""
 
     def __init__(self, files, labels, data: DataConfig, loader: LoaderConfig, shard: Shard):
         self.files, self.labels = files, labels
@@ -176,6 +181,7 @@ class OldDesignLoader:
         iterator = self._take_ahead(epoch) or self._build(epoch)
         for b in range(self.steps):
             batch = next(iterator)[0]
+            iterator.checkpoints()
             if b + 1 == max(1, self.steps - self.loader.prefetch):
                 self._build_ahead(epoch + 1)
             yield batch["images"], batch["labels"].reshape(-1)
@@ -270,6 +276,32 @@ def read_epochs(
     return result | {"labels": labels}
 
 
+def rates(designs: dict[str, Callable], rounds: int, batches: int) -> dict:
+    """Images/s of each design mid-epoch (batches taken as fast as DALI makes them), the designs
+    alternating over rounds, the order rotating; the new/old ratio per round."""
+    seen: dict[str, list[float]] = {name: [] for name in designs}
+    names = list(designs)
+    for r in range(rounds):
+        for name in names[r % 2 :] + names[: r % 2]:
+            loader = designs[name]()
+            epoch = loader.epoch(0)
+            for _ in range(3):  # the build and the first batches
+                next(epoch)
+            start, images = time.perf_counter(), 0
+            for _ in range(batches):
+                images += len(next(epoch)[1])
+            seen[name].append(images / (time.perf_counter() - start))
+            epoch.close()
+            loader.close()
+            gc.collect()
+    ratio = ratio_ci(seen["new"], seen["old"])
+    return {
+        **{f"{name}_images_per_s": round(statistics.median(v), 1) for name, v in seen.items()},
+        "ratio_new_over_old": round(ratio["ratio"], 2),
+        "ratio_new_over_old_ci95": [round(x, 2) for x in ratio["ci95"]],
+    }
+
+
 def build_costs(files, labels, data, loader: LoaderConfig, shard: Shard, tmp: Path) -> dict:
     """Seconds and largest GIL gap of each phase of building one epoch's pipeline, per way of
     handing DALI the order (see the module docstring)."""
@@ -352,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-px", type=int, default=32, help="side of the JPEGs written")
     parser.add_argument("--crop", type=int, default=16, help="crop side (data.image_size)")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for the mixed decoder")
+    parser.add_argument("--rounds", type=int, default=3, help="throughput rounds per design")
+    parser.add_argument("--rate-batches", type=int, default=200, help="batches timed per round")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -386,6 +420,10 @@ def main(argv: list[str] | None = None) -> int:
                 make(), steps, args.epochs, window, args.step_ms / 1e3, device
             )
             gc.collect()  # the old design's dropped pipelines, before the next design runs
+        rate_batches = min(args.rate_batches, steps - 4)
+        results["throughput"] = rates(designs, args.rounds, rate_batches) | {
+            "batches": rate_batches
+        }
     seen = {name: results[name].pop("labels") for name in designs}
     summary = {
         "command": " ".join(["python", "scripts/bench_dali_epochs.py", *(argv or sys.argv[1:])]),

@@ -187,6 +187,8 @@ def test_bench_dali_epochs_tiny_prints_both_designs():
         "--window=3",
         "--step-ms=1",
         "--threads=1",
+        "--rounds=2",
+        "--rate-batches=20",
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -201,3 +203,9 @@ def test_bench_dali_epochs_tiny_prints_both_designs():
     assert len(costs) == 4
     assert all(c["total_s"] > 0 and c["build"]["max_gil_gap_ms"] >= 0 for c in costs.values())
     assert report["ratio_stall_old_over_new"] > 0
+    rates = report["throughput"]
+    assert (
+        rates["batches"] == 20 and rates["old_images_per_s"] > 0 and rates["new_images_per_s"] > 0
+    )
+    low, high = rates["ratio_new_over_old_ci95"]
+    assert 0 < low <= rates["ratio_new_over_old"] <= high
