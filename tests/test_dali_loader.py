@@ -85,6 +85,14 @@ def test_close_mid_epoch_and_an_abandoned_epoch(digits_cfg):
     assert live_pipelines() == 1
     loaders.train.close()  # a preemption: the run stops in the middle of an epoch
     assert live_pipelines() == 0 and loaders.train.state_dict() == {}
+    # A checkpoint taken after an epoch's last step holds no DALI state; resuming there reads
+    # nothing (no replay of the epoch).
+    for k, _ in enumerate(loaders.train.epoch(0), start=1):
+        if k == len(loaders.train):
+            assert loaders.train.state_dict() == {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(loaders.train.epoch(0, start_batch=len(loaders.train))) == []
     # An epoch started while an abandoned one is still suspended takes over its loader; the
     # abandoned generator, finalized later, leaves the new epoch's pipeline alone.
     stale = loaders.train.epoch(0)

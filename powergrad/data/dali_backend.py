@@ -14,8 +14,8 @@ pipeline holds the GIL from its definition to the end of `Pipeline.build()`, so 
 given as `fn.readers.file(files=..., labels=..., shard_id, num_shards)` (the design before this
 one) a build took seconds: Python lists of the epoch's 1.28M paths and labels, DALI's
 conversion of those arguments in the definition, then the C++ build copying them (its
-build_costs: ~11 s in all on the loaded 2-core machine this was written on, the GIL held for
-~4 s at a stretch; the training thread stalled as long at every epoch boundary). One rank's
+build_costs: 8 to 11 s in all on the loaded 2-core machine this was written on, the GIL held
+for ~4 s at a stretch; the training thread waited ~9 s at the epoch boundary). One rank's
 slice (num_shards=1) is still O(N / W): ~0.3 s of GIL at 160k files. A `file_list=` text file
 moves the cost to writing it (the GIL comes and goes) and to parsing it in the build (GIL held,
 O(N / W) again). The external source makes the definition and the build O(1) in the dataset
