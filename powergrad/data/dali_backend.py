@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import os
 import re
 import threading
 import warnings
@@ -148,7 +149,7 @@ class EpochFeed:
         if batch >= self.steps:
             raise StopIteration
         indices = self.order[batch * self.batch_size : (batch + 1) * self.batch_size]
-        paths = [self.files[i].encode() for i in indices]
+        paths = [os.fsencode(self.files[i]) for i in indices]  # the bytes the file system has
         padded = np.array(paths).view(np.uint8).reshape(len(paths), -1)  # numpy pads with 0
         lengths = np.array([len(p) for p in paths], dtype=np.int32).reshape(-1, 1)
         return padded, lengths, self.labels[indices].reshape(-1, 1)
