@@ -69,6 +69,7 @@ def run_eval(cfg: DictConfig) -> dict:
         device=dist.device,
         seed=cfg.seed,
         local_rank=dist.local_rank,
+        channels_last=cfg.channels_last,
     )
     _, workers = resources.resolve(None, cfg.loader.workers, accelerator=dist.device.type != "cpu")
     loader_cfg = dataclasses.replace(OmegaConf.to_object(cfg.loader), workers=workers)
@@ -81,13 +82,16 @@ def run_eval(cfg: DictConfig) -> dict:
     except Exception as e:  # a torch.load failure: truncated, empty or foreign bytes
         raise ConfigError(f"checkpoint={path} is not readable: {type(e).__name__}: {e}") from e
     model = model.to(dist.device, memory_format=torch.channels_last if cfg.channels_last else None)
-    metrics = evaluate(
-        model,
-        loaders.val,
-        device=dist.device,
-        amp_dtype=AMP_DTYPES[cfg.precision],
-        channels_last=cfg.channels_last,
-    )
+    try:
+        metrics = evaluate(
+            model,
+            loaders.val,
+            device=dist.device,
+            amp_dtype=AMP_DTYPES[cfg.precision],
+            channels_last=cfg.channels_last,
+        )
+    finally:
+        loaders.close()
     result = {
         "checkpoint": str(path),
         "model": cfg.model.name,

@@ -120,6 +120,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         device=device,
         seed=cfg.seed,
         local_rank=dist.local_rank,
+        channels_last=t.channels_last,  # DALI then hands out channels_last batches, no copy
     )
     loader_cfg = dataclasses.replace(OmegaConf.to_object(cfg.loader), workers=workers)
     loaders = build_loaders(OmegaConf.to_object(cfg.data), loader_cfg, shard, run_dir=run_dir)
@@ -356,6 +357,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise
     finally:
         progress.close()
+        # Pipelines, threads and workers go now, also on errors and preemption (the loaders
+        # start none before the first epoch or evaluation above).
+        loaders.close()
 
     summary = summarize(cfg, state, dist, loaders.train_images, tracker, sha, run_dir)
     if cfg.logger.log_checkpoints != "none":  # opt-in: a wandb Artifact of type "model"

@@ -146,6 +146,24 @@ def test_torch_augmentation_independent_of_workers(digits_cfg):
         assert torch.equal(p, q)
 
 
+def test_torch_close_stops_its_worker_processes(digits_cfg):
+    """close() stops the persistent train and val workers now, twice in a row too; the next
+    epoch starts new ones and reads the same batches."""
+    import multiprocessing
+
+    loaders = build(digits_cfg, "torch", batch_size=128, workers=1)
+    first = collect(loaders.train.epoch(0))
+    collect(loaders.val)
+    assert len(multiprocessing.active_children()) == 2
+    loaders.close()
+    loaders.close()
+    assert multiprocessing.active_children() == []
+    again = collect(loaders.train.epoch(0))
+    assert all(torch.equal(p, q) for p, q in zip(first[0], again[0], strict=True))
+    loaders.close()
+    assert multiprocessing.active_children() == []
+
+
 def test_backends_share_the_sample_order(digits_cfg):
     """Both backends read the same per-epoch permutation, so the label sequences are equal."""
     labels = {

@@ -17,6 +17,11 @@ EvalLoader
     len(val) batches, iter(val) yields every val image of this rank's shard exactly once (the
     shards of all ranks cover the split exactly once, no padding reaches the caller), no
     augmentation.
+Both
+    close() releases the loader's pipelines, threads and worker processes now (not at garbage
+    collection or interpreter exit); idempotent, and a later epoch() / iter() starts them again.
+    `Loaders.close()` closes both; the entry points call it in a `finally`. With
+    Shard.channels_last the DALI backend hands out channels_last images (same values).
 
 Files that fail during the run follow data.on_bad_file (powergrad.data.badfiles): a train sample
 is replaced by the next readable file of the listing (fixed batch shapes, the same batches on
@@ -65,8 +70,9 @@ __all__ = [
 class Loaders:
     """What build_loaders returns; image counts are for all ranks, after bad files are removed."""
 
-    train: Any  # TrainLoader: __len__, epoch(epoch, start_batch), state_dict, load_state_dict
-    val: Any  # EvalLoader: __len__, __iter__
+    train: Any  # TrainLoader: __len__, epoch(epoch, start_batch), state_dict, load_state_dict,
+    # close
+    val: Any  # EvalLoader: __len__, __iter__, close
     num_classes: int
     classes: list[str]
     train_images: int
@@ -83,6 +89,13 @@ class Loaders:
         resume with `powergrad.data.file_list_change(saved, loaders.file_list_digest())`,
         which returns None when unchanged, else the message to log. None for synthetic data."""
         return self.digest
+
+    def close(self) -> None:
+        """Release both loaders' pipelines, threads and workers now; idempotent."""
+        try:
+            self.train.close()
+        finally:
+            self.val.close()
 
 
 def dataset_root(data: DataConfig) -> str:

@@ -104,7 +104,8 @@ class LoaderConfig:
 
 @dataclass(frozen=True)
 class Shard:
-    """Where this process's loaders run: rank of world_size, per-rank batch, device, run seed.
+    """Where this process's loaders run: rank of world_size, per-rank batch, device, run seed,
+    and the memory format the model takes (trainer.channels_last).
 
     Defaults: one process on the CPU, seed 0. `device` may be given as a string ("cuda:1").
     `local_rank` (this process's index on its node) picks the rank that checks the dataset
@@ -117,6 +118,9 @@ class Shard:
     device: torch.device = _CPU
     seed: int = 0
     local_rank: int = 0
+    # DALI hands out channels_last batches (N x C x H x W views of N x H x W x C memory) so the
+    # engine's conversion is free; the other backends hand out NCHW and the engine converts.
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.world_size < 1 or not 0 <= self.rank < self.world_size:

@@ -1,12 +1,13 @@
 """Sample order shared by every backend: one global permutation per epoch, split by batch.
 
-Both the DALI file reader and the torch sampler read the same per-epoch order, so the two
-backends see the same images in the same batches. Global batch b (W x B images for W ranks of
-B) is the slice [b * W * B, (b + 1) * W * B) of that order and rank r reads the r-th B-image
+Both the DALI external source and the torch sampler read the same per-epoch order, so the
+two backends see the same images in the same batches. Global batch b (W x B images for W ranks
+of B) is the slice [b * W * B, (b + 1) * W * B) of that order and rank r reads the r-th B-image
 slice of it (:func:`rank_batches`). So the union of the ranks' batch b is batch b of a single
 process with batch W x B: the sequence of global batches does not depend on the world size
-(the two-process DDP equivalence test relies on it). DALI's reader splits a file list into
-contiguous shards [floor(r * N / W), floor((r + 1) * N / W)); it is handed the order that
+(the two-process DDP equivalence test relies on it). A reader that splits one file list into
+contiguous shards [floor(r * N / W), floor((r + 1) * N / W)) (DALI's fn.readers.file, as the
+DALI backend used it before; scripts/bench_dali_epochs.py still does) is handed the order that
 :func:`sharded_order` lays out so that its shard r is exactly rank r's batches.
 Validation keeps contiguous shards (:func:`shard_range`): no order matters there.
 """

@@ -47,6 +47,9 @@ class SyntheticTrainLoader:
         """No state: every batch is the same."""
         return {}
 
+    def close(self) -> None:
+        """Nothing to release: no threads, no processes (the batch is an ordinary tensor)."""
+
     def load_state_dict(self, state: dict) -> None:
         """Accept the (empty) state written by `state_dict`."""
 
@@ -62,6 +65,9 @@ class SyntheticEvalLoader:
 
     def __len__(self) -> int:
         return -(-self.count // self.batch_size)
+
+    def close(self) -> None:
+        """Nothing to release: no threads, no processes (the batch is an ordinary tensor)."""
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for lo in range(0, self.count, self.batch_size):

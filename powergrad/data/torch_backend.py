@@ -167,6 +167,18 @@ def _collect_before_fork(loader: DataLoader) -> None:
         gc.collect()
 
 
+def _shutdown_workers(loader: DataLoader) -> None:
+    """Stop a DataLoader's persistent worker processes now; its next iteration starts new ones.
+
+    torch has no public call for it: the iterator it keeps for persistent workers shuts them
+    down in `_shutdown_workers` (what its __del__ calls).
+    """
+    iterator = getattr(loader, "_iterator", None)
+    loader._iterator = None
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+
+
 def _loader_kwargs(loader: LoaderConfig, device: torch.device) -> dict:
     kwargs: dict = {
         "num_workers": loader.workers,
@@ -291,6 +303,10 @@ class TorchTrainLoader:
                 raise self.bad_log.too_many(failed[0][0])
             yield self.normalize(images, labels)
 
+    def close(self) -> None:
+        """Stop the worker processes now (idempotent; the next epoch starts them again)."""
+        _shutdown_workers(self.loader)
+
     def state_dict(self) -> dict:
         """No extra state: the order and augmentation follow from (seed, epoch, batch)."""
         return {}
@@ -325,6 +341,10 @@ class TorchEvalLoader:
 
     def __len__(self) -> int:
         return self.batches
+
+    def close(self) -> None:
+        """Stop the worker processes now (idempotent; the next pass starts them again)."""
+        _shutdown_workers(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Every readable image of this rank's shard once (unreadable ones are left out)."""
