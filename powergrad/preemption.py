@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from powergrad import distributed as pgdist
+from powergrad.fileio import atomic_write
 
 __all__ = ["EXIT_PREEMPTED", "MARKER", "Preempted", "PreemptionWatcher", "exit_for_requeue"]
 
@@ -133,17 +134,9 @@ class PreemptionWatcher:
         if self.info.is_main:
             name = signal.Signals(self.agreed).name
             record = {"signal": name, "step": step, "time": time.time()}
-            (run_dir / MARKER).write_text(json.dumps(record) + "\n")
+            atomic_write(run_dir / MARKER, json.dumps(record) + "\n")
         pgdist.barrier()  # the marker exists before any rank exits
         raise Preempted(self.agreed, step, run_dir, self._requeue)
-
-
-def should_resume(run_dir: Path, auto_resume: bool) -> bool:
-    """Whether a new start in ``run_dir`` continues it: it was preempted, or ``auto_resume``
-    is on and it holds a checkpoint."""
-    from powergrad.checkpoint import LAST
-
-    return (run_dir / MARKER).exists() or (auto_resume and (run_dir / LAST).exists())
 
 
 def exit_for_requeue(e: Preempted) -> None:
