@@ -85,20 +85,25 @@ def settle_run_dir(
     resume, error = pgdist.broadcast_object(decision)  # every rank raises the same error
     if error:
         raise ConfigError(error)
-    # last.pt is the run's authority: its config, and its ranking of the best epochs (whose
-    # files load_for_resume makes agree with it).
-    ckpt = checkpoint.load_for_resume(run_dir) if resume else None
-    saved = ckpt["config"] if ckpt else None
-    if ckpt and dist.is_main:
-        rundir.report_config_copy(run_dir, saved)
-    if saved is None and cfg.trainer.resume:  # the run died before its first checkpoint
-        saved = rundir.read_config(run_dir)
     changes: list[str] = []
-    if saved is not None:
-        cfg, changes = rundir.resume_config(
-            cfg, saved, list(hydra_cfg.overrides.task), allow_changes=cfg.trainer.allow_changes
-        )
-        validate_train(cfg)
+    try:
+        # last.pt is the run's authority: its config, and its ranking of the best epochs.
+        ckpt = checkpoint.load_for_resume(run_dir) if resume else None
+        saved = ckpt["config"] if ckpt else None
+        if ckpt and dist.is_main:
+            rundir.report_config_copy(run_dir, saved)
+        if saved is None and cfg.trainer.resume:  # the run died before its first checkpoint
+            saved = rundir.read_config(run_dir)
+        if saved is not None:
+            cfg, changes = rundir.resume_config(
+                cfg, saved, list(hydra_cfg.overrides.task), allow_changes=cfg.trainer.allow_changes
+            )
+            validate_train(cfg)
+        if ckpt:  # accepted: best files that a kill or a full disk cut off are put right
+            checkpoint.agree_best(run_dir, ckpt)
+    except BaseException:
+        rundir.release(run_dir)  # refused: nothing of this start is written, nothing held
+        raise
     if ckpt and dist.is_main:
         print(rundir.resume_note(run_dir, ckpt, cfg.trainer.epochs), file=sys.stderr)
     return cfg, run_dir, ckpt, changes

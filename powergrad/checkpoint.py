@@ -28,7 +28,7 @@ The order of writes keeps every claim backed by a complete file: an epoch-end sa
 ``last.pt`` first (one atomic file holding the epoch's weights and the ranking that names it),
 then that epoch's weights file, then removes what left the top K. A kill (or a full disk)
 between two of these steps leaves a ranking whose newest file is missing, or files the ranking
-no longer names; :func:`load_for_resume` finds both and rebuilds the file from ``last.pt`` (it
+no longer names; :func:`agree_best` finds both and rebuilds the file from ``last.pt`` (it
 holds those weights), or, when no complete copy of a ranked epoch's weights exists anywhere,
 stops counting that epoch among the best and says so. With a
 :class:`Writer` (train.py's), :func:`save` copies the state to host memory (~40 ms for ResNet-18's
@@ -67,14 +67,17 @@ __all__ = [
     "NonFiniteError",
     "TrainState",
     "Writer",
+    "agree_best",
     "best_name",
     "capture_rng",
+    "check_resumable",
     "configure_runtime",
     "init_weights",
     "load",
     "load_for_resume",
     "nonfinite_tensors",
     "rank_best",
+    "reconcile_best",
     "restore",
     "restore_rng",
     "save",
@@ -369,20 +372,27 @@ def check_resumable(ckpt: Any, path: str | os.PathLike) -> None:
 
 
 def load_for_resume(run_dir: Path) -> dict[str, Any]:
-    """``run_dir/last.pt``, checked, with the run's best files made to agree with the ranking
-    it records (every rank calls it; rank 0 repairs the files, see :func:`reconcile_best`,
-    and every rank gets the ranking that holds afterwards).
+    """``run_dir/last.pt``, checked: a training checkpoint holding all :func:`restore` reads.
 
     Raises:
         CheckpointError: unreadable, or not a complete training checkpoint (one line).
-        DiskFullError: a best file could not be rebuilt for lack of space.
     """
     path = run_dir / LAST
     ckpt = load(path)
     check_resumable(ckpt, path)
+    return ckpt
+
+
+def agree_best(run_dir: Path, ckpt: dict[str, Any]) -> None:
+    """Make the run's best files agree with the ranking ``ckpt`` (its last.pt) records, and
+    ``ckpt``'s ranking with the files (every rank calls it; rank 0 repairs the files, see
+    :func:`reconcile_best`, and every rank gets the ranking that holds afterwards).
+
+    Raises:
+        DiskFullError: a best file could not be rebuilt for lack of space.
+    """
     ranking = reconcile_best(run_dir, ckpt) if pgdist.is_main() else None
     ckpt.update(pgdist.broadcast_object(ranking))
-    return ckpt
 
 
 def _held_epoch(path: Path) -> int | None:

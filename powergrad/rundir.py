@@ -56,6 +56,8 @@ __all__ = [
     "discard_if_empty",
     "discard_sweep_if_empty",
     "experiment_changes",
+    "read_config",
+    "release",
     "report_config_copy",
     "resume_config",
     "resume_note",
@@ -251,6 +253,13 @@ def claim(path: Path, *, resume: bool, auto_resume: bool) -> Claim:
 def _hold(held: Claim) -> Claim:
     _HELD[held.path] = held
     return held
+
+
+def release(path: Path) -> None:
+    """Drop this process's claim on ``path`` (a start refused after the claim), if it has one."""
+    held = _HELD.pop(path, None)
+    if held is not None:
+        held.release()
 
 
 def abandon(path: Path) -> None:

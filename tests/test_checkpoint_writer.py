@@ -90,6 +90,7 @@ def test_a_resume_rebuilds_the_best_files_last_pt_ranks(tmp_path, capsys):
     _epoch_end(tmp_path, model, state, 2, 60.0, keep=2, write_best=False)
     assert _held(tmp_path / BEST) == (1, 1.0)  # last.pt ranks epoch 2 first, best.pt holds 1
     ckpt = checkpoint.load_for_resume(tmp_path)
+    checkpoint.agree_best(tmp_path, ckpt)
     assert ckpt["best_checkpoints"] == [[60.0, 2], [50.0, 1]] and ckpt["best_epoch"] == 2
     assert _held(tmp_path / BEST) == (2, 2.0)
     assert _held(tmp_path / best_name(1)) == (1, 1.0)
@@ -106,6 +107,7 @@ def test_a_resume_forgets_a_best_whose_weights_exist_nowhere(tmp_path, capsys):
     data = (tmp_path / BEST).read_bytes()
     (tmp_path / BEST).write_bytes(data[: len(data) // 2])  # truncated (disk, or by hand)
     ckpt = checkpoint.load_for_resume(tmp_path)
+    checkpoint.agree_best(tmp_path, ckpt)
     # Epoch 2 is no longer claimed; the runner-up, epoch 3, is the best and is best.pt.
     assert ckpt["best_checkpoints"] == [[55.0, 3]]
     assert (ckpt["best_epoch"], ckpt["best_val_top1"]) == (3, 55.0)

@@ -66,10 +66,6 @@ def _start(argv):
     return subprocess.Popen([sys.executable, str(SCRIPT), *argv], stdout=subprocess.DEVNULL)
 
 
-def _run(argv):
-    return subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True)
-
-
 def _placed(root: Path) -> list[Path]:
     return sorted((root / "val").glob("*/*"))
 
@@ -82,27 +78,27 @@ def test_a_copy_killed_midway_is_completed_whole_by_the_rerun(tmp_path, capsys):
         return any(p.stat().st_size < len(jpeg) for p in (root / "val").glob("*/*") if p.exists())
 
     kill_when(_start(argv), lambda: (root / "val").exists() and copy_in_flight())
-    rerun = _run(argv)
-    assert rerun.returncode == 0 and "layout OK" in rerun.stdout, rerun.stderr
+    prepare = _prepare_module()
+    assert prepare.main(argv) == 0 and "layout OK" in capsys.readouterr().out
     placed = _placed(root)
     assert len(placed) == 40 and all(p.read_bytes() == jpeg for p in placed)
     assert len(list(flat.iterdir())) == 40  # a copy leaves the source alone
 
     # A file cut short by an earlier version of the script (no temporary file) is found too.
     placed[3].write_bytes(jpeg[:1000])
-    assert _prepare_module().main(argv) == 0
+    assert prepare.main(argv) == 0
     assert placed[3].read_bytes() == jpeg
     assert f"replaced 1 incomplete file(s) in {root / 'val'}" in capsys.readouterr().out
 
 
-def test_a_move_killed_midway_is_completed_by_the_rerun(tmp_path):
+def test_a_move_killed_midway_is_completed_by_the_rerun(tmp_path, capsys):
     root, flat, labels, jpeg = _imagenet(tmp_path, images=3000, size=16)
     argv = _argv(root, flat, labels, "move")
     kill_when(_start(argv), lambda: 0 < len(list((root / "val").glob("*/*"))) < 3000)
     assert 0 < len(list(flat.iterdir())) < 3000
+    prepare = _prepare_module()
     for _ in range(2):  # the rerun completes the move; one more run finds it done
-        rerun = _run(argv)
-        assert rerun.returncode == 0 and "layout OK" in rerun.stdout, rerun.stderr
+        assert prepare.main(argv) == 0 and "layout OK" in capsys.readouterr().out
         placed = _placed(root)
         assert len(placed) == 3000 and all(p.read_bytes() == jpeg for p in placed)
         assert not list(flat.iterdir())

@@ -29,7 +29,7 @@ from conftest import (
 )
 from omegaconf import OmegaConf
 
-from powergrad import checkpoint
+from powergrad import checkpoint, rundir
 from powergrad.checkpoint import CheckpointError, NonFiniteError, TrainState
 from powergrad.config import ConfigError
 from powergrad.data import DatasetError
@@ -225,19 +225,18 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_in_place(tmp_path
         held = claim(run_dir, resume=False, auto_resume=False)
         held.release()
         assert held.resume is False and not (run_dir / "preempted.json").exists()
-    _ok(run_train([f"trainer.resume={run_dir}"], tmp_path))
-    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 2
+    assert train_in_process(run_dir, f"trainer.resume={run_dir}")["epochs"] == 2
     assert len(history_without_timing(run_dir)) == 2
 
 
 # 15. SIGKILL while best.pt is written: last.pt already ranks that epoch. The requeue (the same
 #     command) finds the run finished, says so, and rebuilds best.pt from last.pt: summary.json
 #     never names a best epoch whose weights exist nowhere.
-def test_sigkill_while_best_pt_is_written_leaves_a_best_that_exists(tmp_path):
+def test_sigkill_while_best_pt_is_written_leaves_a_best_that_exists(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    args = [*tiny("trainer.epochs=1"), f"hydra.run.dir={run_dir}", "trainer.auto_resume=true"]
+    args = [*tiny("trainer.epochs=1"), "trainer.auto_resume=true"]
     victim = subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *args],
+        [sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={run_dir}"],
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -245,10 +244,10 @@ def test_sigkill_while_best_pt_is_written_leaves_a_best_that_exists(tmp_path):
     kill_when(victim, lambda: any(run_dir.glob(".best.pt.*.tmp")))
     last = checkpoint.load(run_dir / "last.pt")
     assert last["best_epoch"] == 1 and not (run_dir / "best.pt").exists()
-    proc = _ok(run_train(args, tmp_path))
-    assert "is finished (1 of 1 epochs)" in proc.stderr, proc.stderr
-    assert "trainer.epochs=N trainer.allow_changes=true" in proc.stderr
-    assert "resuming" not in proc.stderr
+    train_in_process(run_dir, *args)  # the requeue: the same command
+    err = capsys.readouterr().err
+    assert "is finished (1 of 1 epochs)" in err and "resuming" not in err, err
+    assert "trainer.epochs=N trainer.allow_changes=true" in err
     best = checkpoint.load(run_dir / "best.pt")
     assert json.loads((run_dir / "summary.json").read_text())["best_epoch"] == best["epoch"] == 1
     for key, value in last["model"].items():
@@ -263,15 +262,15 @@ def _copy_run(src, dst):
 # 16. The run's config on resume is the one stored in last.pt: an edited config.yaml is
 #     reported and rewritten, never obeyed; a missing one neither stops trainer.resume nor lets
 #     a requeued command change the experiment.
-def test_a_resume_takes_the_config_stored_in_last_pt(finished_run, tmp_path):
+def test_a_resume_takes_the_config_stored_in_last_pt(finished_run, tmp_path, capsys):
     edited = _copy_run(finished_run, tmp_path / "edited")
     copy = OmegaConf.load(edited / "config.yaml")
     copy.method.alpha, copy.optim.lr_per_256, copy.seed = 0.25, 0.25, 7
     OmegaConf.save(copy, edited / "config.yaml")
-    proc = _ok(run_train([f"trainer.resume={edited}"], tmp_path))
-    assert "config.yaml differs from the config stored in last.pt" in proc.stderr
-    assert "seed: 7 in config.yaml, 0 in last.pt" in proc.stderr
-    summary = json.loads((edited / "summary.json").read_text())
+    summary = train_in_process(edited, f"trainer.resume={edited}")
+    err = capsys.readouterr().err
+    assert "config.yaml differs from the config stored in last.pt" in err
+    assert "seed: 7 in config.yaml, 0 in last.pt" in err
     assert (summary["method"], summary["seed"]) == ("baseline", 0)
     assert OmegaConf.load(edited / "config.yaml").optim.lr_per_256 == 0.05
 
@@ -281,9 +280,11 @@ def test_a_resume_takes_the_config_stored_in_last_pt(finished_run, tmp_path):
     before = _snapshot(gone)
     # The requeue of a command that now reads baseline -> PGT at 10x the lr, one more epoch.
     requeue = ("method=pgt", "optim.lr_per_256=0.5", "trainer.epochs=3", "trainer.auto_resume=true")
-    proc = _refused(_train(gone, *requeue, cwd=tmp_path), "would change the experiment")
-    assert "config.yaml is missing" in proc.stderr
-    assert "method.alpha: None -> 0.25" in proc.stderr and "trainer.epochs: 2 -> 3" in proc.stderr
+    with pytest.raises(ConfigError, match="would change the experiment") as error:
+        train_in_process(gone, *TINY, *requeue)
+    assert "config.yaml is missing" in capsys.readouterr().err
+    assert "method.alpha: None -> 0.25" in str(error.value)
+    assert "trainer.epochs: 2 -> 3" in str(error.value)
     assert _snapshot(gone) == before
     summary = train_in_process(gone, f"trainer.resume={gone}")
     assert (summary["model"], summary["method"], summary["epochs"]) == (
@@ -377,7 +378,14 @@ def test_a_start_that_fails_before_its_first_checkpoint_leaves_nothing(finished_
     assert not run_dir.exists()
 
     cmd = [sys.executable, str(ROOT / "train.py"), *tiny("trainer.epochs=50")]
-    victim = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    victim = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        # Ctrl-C reaches it even when this test runs in a background job (SIGINT ignored there).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 240
     while not list(tmp_path.glob("outputs/*/*/metrics.jsonl")) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -428,7 +436,7 @@ def test_read_only_run_directory_is_refused_before_training(finished_run, tmp_pa
         subprocess.run(["chattr", "-i", str(run_dir)], check=True)
 
 
-def test_full_disk_during_a_checkpoint_says_so_and_keeps_the_previous_one(tmp_path):
+def test_full_disk_during_a_checkpoint_says_so_and_keeps_the_previous_one(tmp_path, capsys):
     disk = tmp_path / "disk"
     disk.mkdir()
     # 100 MiB: last.pt (~90 MB: weights + momentum of ResNet-18) fits, best.pt then does not.
@@ -446,10 +454,10 @@ def test_full_disk_during_a_checkpoint_says_so_and_keeps_the_previous_one(tmp_pa
         assert not (run_dir / "best.pt").exists() and not list(run_dir.glob(".*.tmp"))
         # Space freed, the run resumed: best.pt is rebuilt from last.pt, which ranked it.
         subprocess.run(["mount", "-o", "remount,size=300m", str(disk)], check=True)
-        proc = _ok(run_train([f"trainer.resume={run_dir}"], tmp_path))
-        assert "best.pt: rebuilt from last.pt" in proc.stderr
+        assert train_in_process(run_dir, f"trainer.resume={run_dir}")["best_epoch"] == 1
+        rundir.release(run_dir)  # the run's lock, held by this process (the mount is in use)
+        assert "best.pt: rebuilt from last.pt" in capsys.readouterr().err
         assert checkpoint.load(run_dir / "best.pt")["epoch"] == 1
-        assert json.loads((run_dir / "summary.json").read_text())["best_epoch"] == 1
     finally:
         subprocess.run(["umount", str(disk)], check=True)
 
