@@ -63,9 +63,13 @@ from powergrad.tracking import Progress, Tracker, config_key, git_sha, run_name
 register_configs()
 
 
-def settle_run_dir(cfg: DictConfig, dist: pgdist.DistInfo) -> tuple[DictConfig, Path, bool, list]:
+def settle_run_dir(
+    cfg: DictConfig, dist: pgdist.DistInfo
+) -> tuple[DictConfig, Path, dict[str, Any] | None, list[str]]:
     """Claim the run directory (rank 0, for the run's life) and, when continuing a run, take
-    its own config with this command's overrides; returns (cfg, run_dir, resume, changes)."""
+    the config stored in its last.pt (or, for a run that died before any checkpoint, its
+    config.yaml) with this command's overrides; returns (cfg, run_dir, last.pt or None,
+    changes)."""
     hydra_cfg = HydraConfig.get()
     # Rank 0's directory is the run's (other ranks only read from it).
     run_dir = Path(cfg.trainer.resume or pgdist.broadcast_object(hydra_cfg.runtime.output_dir))
@@ -83,34 +87,60 @@ def settle_run_dir(cfg: DictConfig, dist: pgdist.DistInfo) -> tuple[DictConfig, 
     if error:
         raise ConfigError(error)
     changes: list[str] = []
-    if (cfg.trainer.resume or resume) and (run_dir / rundir.CONFIG_FILE).exists():
-        saved = OmegaConf.load(run_dir / rundir.CONFIG_FILE)
-        cfg, changes = rundir.resume_config(
-            cfg, saved, list(hydra_cfg.overrides.task), allow_changes=cfg.trainer.allow_changes
-        )
-        validate_train(cfg)
-    if resume and dist.is_main:
-        print(f"resuming {run_dir} from its last checkpoint", file=sys.stderr)
-    if dist.is_main:
-        rundir.write_provenance(run_dir, cfg, resume=resume)
-    return cfg, run_dir, resume, changes
+    try:
+        # last.pt is the run's authority: its config, and its ranking of the best epochs.
+        ckpt = checkpoint.load_for_resume(run_dir) if resume else None
+        saved = ckpt["config"] if ckpt else None
+        if ckpt and dist.is_main:
+            rundir.report_config_copy(run_dir, saved)
+        if saved is None and cfg.trainer.resume:  # the run died before its first checkpoint
+            saved = rundir.read_config(run_dir)
+        if saved is not None:
+            cfg, changes = rundir.resume_config(
+                cfg, saved, list(hydra_cfg.overrides.task), allow_changes=cfg.trainer.allow_changes
+            )
+            validate_train(cfg)
+        if ckpt:  # accepted: best files that a kill or a full disk cut off are put right
+            checkpoint.agree_best(run_dir, ckpt)
+    except BaseException:
+        rundir.release(run_dir)  # refused: nothing of this start is written, nothing held
+        raise
+    if ckpt and dist.is_main:
+        print(rundir.resume_note(run_dir, ckpt, cfg.trainer.epochs), file=sys.stderr)
+    return cfg, run_dir, ckpt, changes
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Validate ``cfg``, settle the run directory and train; returns the run summary."""
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    if multirun and cfg.trainer.resume:
+    """Validate ``cfg``, settle the run directory and train; returns the run summary. A new
+    run that fails before its first checkpoint leaves nothing behind (rundir.abandon)."""
+    if HydraConfig.get().mode == RunMode.MULTIRUN and cfg.trainer.resume:
         raise ConfigError("trainer.resume continues one run; run it without -m / --multirun")
     validate_train(cfg)
     dist = pgdist.setup(cfg.trainer.device, timeout_min=cfg.trainer.dist_timeout_min)
-    cfg, run_dir, resume, changes = settle_run_dir(cfg, dist)
+    cfg, run_dir, ckpt, changes = settle_run_dir(cfg, dist)
+    try:
+        return run(cfg, dist, run_dir, ckpt, changes)
+    except BaseException:
+        if dist.is_main:
+            rundir.abandon(run_dir)
+        raise
+
+
+def run(
+    cfg: DictConfig,
+    dist: pgdist.DistInfo,
+    run_dir: Path,
+    ckpt: dict[str, Any] | None,
+    changes: list[str],
+) -> dict[str, Any]:
+    """Train in the settled ``run_dir``, continuing from ``ckpt`` (last.pt) when given."""
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     t, device = cfg.trainer, dist.device
     threads, workers = resources.resolve(
         t.threads, cfg.loader.workers, accelerator=device.type != "cpu"
     )
     checkpoint.configure_runtime(threads, t.deterministic)
     checkpoint.seed_everything(cfg.seed)
-    ckpt = checkpoint.load(run_dir / LAST) if resume else None
 
     # Data first: a bad dataset folder fails in seconds, before any model is built.
     shard = Shard(
@@ -212,6 +242,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if changes:  # opted in with trainer.allow_changes: on record in wandb and metrics.jsonl
             print(f"continuing with changed settings: {'; '.join(changes)}", file=sys.stderr)
             tracker.record_changes(state.step, changes)
+    if dist.is_main:
+        # config.yaml (this start's config, as its checkpoints store it) and .hydra/: once the
+        # start is under way, so a start refused or failed before here has written neither.
+        rundir.write_provenance(run_dir, cfg, resume=ckpt is not None)
 
     # Checkpoints are written on a background thread (serialization + fsync overlap training).
     writer = checkpoint.Writer()
@@ -428,10 +462,16 @@ def main(cfg: DictConfig) -> float | None:
     try:
         return train(cfg)["val_top1"]
     except (ConfigError, DatasetError, CheckpointError, NonFiniteError, DiskFullError) as e:
-        if pgdist.is_main():
-            # A refused start leaves nothing behind (Hydra made its directory before we ran).
-            rundir.discard_if_empty(Path(HydraConfig.get().runtime.output_dir))
-        print(f"error: {e}", file=sys.stderr)
+        hydra_cfg, rank = HydraConfig.get(), pgdist.env_world()[0]
+        if rank == 0:
+            # A refused start leaves nothing behind (Hydra made its directories before we ran).
+            rundir.discard_if_empty(Path(hydra_cfg.runtime.output_dir))
+            if hydra_cfg.mode == RunMode.MULTIRUN:
+                rundir.discard_sweep_if_empty(Path(hydra_cfg.sweep.dir))
+        # Every rank raises a config error alike (validation, the claim's broadcast decision):
+        # rank 0 says it once; other errors may be a rank's own.
+        if rank == 0 or not isinstance(e, ConfigError):
+            print(f"error: {e}", file=sys.stderr)
         if pgdist.in_submitit_job():
             # Raised, submitit stores the error as the job's result and the sweep reports it as
             # soon as the job ends; after a bare exit the sweep would wait for sacct to say

@@ -22,7 +22,15 @@ a new file is always complete on disk (the old best linked to its epoch name, th
 best.pt written) before any file that left the top K is removed.
 
 Both are written through :func:`powergrad.fileio.atomic_write` on rank 0, and only when every
-parameter and buffer is finite: a diverged state is never written over a good one. With a
+parameter and buffer is finite: a diverged state is never written over a good one.
+
+The order of writes keeps every claim backed by a complete file: an epoch-end save writes
+``last.pt`` first (one atomic file holding the epoch's weights and the ranking that names it),
+then that epoch's weights file, then removes what left the top K. A kill (or a full disk)
+between two of these steps leaves a ranking whose newest file is missing, or files the ranking
+no longer names; :func:`agree_best` finds both and rebuilds the file from ``last.pt`` (it
+holds those weights), or, when no complete copy of a ranked epoch's weights exists anywhere,
+stops counting that epoch among the best and says so. With a
 :class:`Writer` (train.py's), :func:`save` copies the state to host memory (~40 ms for ResNet-18's
 90 MB) and the serialization and fsync run on a background thread while training goes on: on a
 2-core machine they took 0.3-0.5 s of each ~3.6 s digits epoch (scripts/profile_main.py --sections
@@ -35,6 +43,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -58,13 +67,17 @@ __all__ = [
     "NonFiniteError",
     "TrainState",
     "Writer",
+    "agree_best",
     "best_name",
     "capture_rng",
+    "check_resumable",
     "configure_runtime",
     "init_weights",
     "load",
+    "load_for_resume",
     "nonfinite_tensors",
     "rank_best",
+    "reconcile_best",
     "restore",
     "restore_rng",
     "save",
@@ -78,6 +91,21 @@ WEIGHTS_FORMAT = "powergrad-weights-v1"
 # What best.pt keeps besides its weights: enough to say which run and epoch they come from.
 WEIGHTS_KEYS = ("epoch", "step", "best_val_top1", "best_epoch", "history", "config")
 RUN_KEYS = ("wandb_id", "git_sha")
+# What restore() reads from a last.pt (the TrainState fields have defaults, ``ema`` may be None).
+RESUME_KEYS = (
+    "model",
+    "optimizer",
+    "scaler",
+    "scheduler",
+    "epoch",
+    "batch",
+    "step",
+    "meters",
+    "rng",
+    "data",
+    "world_size",
+    "config",
+)
 
 
 class CheckpointError(ValueError):
@@ -146,13 +174,22 @@ def best_name(epoch: int) -> str:
 def _keep_as(src: Path, dst: Path) -> None:
     """``dst`` becomes a second name of ``src``'s bytes, atomically (hard link; a copy where
     the filesystem has none)."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp = dst.with_name(f".{dst.name}.link.tmp")  # fileio.temp_pattern: removed if left behind
     tmp.unlink(missing_ok=True)
     try:
         os.link(src, tmp)
     except OSError:
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
+
+
+def _weights_of(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """best.pt's content from a last.pt dict: the weights and what identifies them. The
+    optimizer, RNG and loader states (half the bytes for SGD with momentum) are for continuing;
+    evaluation and fine-tuning need the weights."""
+    weights = {"format": WEIGHTS_FORMAT, "model": ckpt["model"]}
+    weights.update({k: ckpt.get(k) for k in (*WEIGHTS_KEYS, *RUN_KEYS)})
+    return weights
 
 
 def _write_best(
@@ -281,15 +318,12 @@ def save(
     }
 
     def write() -> None:
+        # last.pt first: it holds this epoch's weights, so the ranking it records is backed by a
+        # complete file before any best file changes (see the module docstring).
         atomic_write(run_dir / LAST, lambda f: torch.save(ckpt, f))
         if best:
-            # The optimizer, RNG and loader states (half the bytes for SGD with momentum) are
-            # for continuing; evaluation and fine-tuning need the weights and what identifies
-            # them.
-            weights = {"format": WEIGHTS_FORMAT, "model": ckpt["model"]}
-            weights.update({k: ckpt[k] for k in (*WEIGHTS_KEYS, *RUN_KEYS)})
             # ckpt's copy of the ranking: the state moves on during a background write.
-            _write_best(run_dir, weights, ckpt["best_epoch"], ckpt["best_checkpoints"])
+            _write_best(run_dir, _weights_of(ckpt), ckpt["best_epoch"], ckpt["best_checkpoints"])
 
     if writer is None:
         write()
@@ -314,6 +348,121 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
         ) from None
 
 
+def check_resumable(ckpt: Any, path: str | os.PathLike) -> None:
+    """Raise CheckpointError (one line naming ``path``) unless ``ckpt`` is a training
+    checkpoint holding every entry :func:`restore` reads."""
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} is not a powergrad training checkpoint")
+    if ckpt.get("format") == WEIGHTS_FORMAT:
+        raise CheckpointError(
+            f"{path} holds weights only; resume from the run's {LAST} (a {BEST} is for eval.py "
+            "and model.init)"
+        )
+    if ckpt.get("format") != TRAINING_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a powergrad training checkpoint (format {ckpt.get('format')!r})"
+        )
+    missing = [k for k in RESUME_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"{path} has no {', '.join(map(repr, missing))} entry (an incomplete or edited "
+            "checkpoint): it cannot continue the run. Start a new run, or put back a complete "
+            f"{LAST}"
+        )
+
+
+def load_for_resume(run_dir: Path) -> dict[str, Any]:
+    """``run_dir/last.pt``, checked: a training checkpoint holding all :func:`restore` reads.
+
+    Raises:
+        CheckpointError: unreadable, or not a complete training checkpoint (one line).
+    """
+    path = run_dir / LAST
+    ckpt = load(path)
+    check_resumable(ckpt, path)
+    return ckpt
+
+
+def agree_best(run_dir: Path, ckpt: dict[str, Any]) -> None:
+    """Make the run's best files agree with the ranking ``ckpt`` (its last.pt) records, and
+    ``ckpt``'s ranking with the files (every rank calls it; rank 0 repairs the files, see
+    :func:`reconcile_best`, and every rank gets the ranking that holds afterwards).
+
+    Raises:
+        DiskFullError: a best file could not be rebuilt for lack of space.
+    """
+    ranking = reconcile_best(run_dir, ckpt) if pgdist.is_main() else None
+    ckpt.update(pgdist.broadcast_object(ranking))
+
+
+def _held_epoch(path: Path) -> int | None:
+    """The epoch whose weights ``path`` holds completely, or None (missing, truncated, other)."""
+    try:
+        weights = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # foreign bytes fail anywhere in the unpickler (EOF, Index, Runtime...)
+        return None
+    if not isinstance(weights, dict) or weights.get("format") != WEIGHTS_FORMAT:
+        return None
+    return weights.get("epoch")
+
+
+def reconcile_best(run_dir: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
+    """Make ``best.pt`` / ``best-epochNNNN.pt`` hold the epochs ``ckpt`` (last.pt) ranks
+    (rank 0, before a resume trains). A ranked epoch whose file is missing or incomplete gets it
+    back: linked from another file holding it, or rebuilt from ``last.pt`` when that is the end
+    of this very epoch (a kill or a full disk stopped the write after last.pt). An epoch whose
+    weights exist nowhere is no longer counted (said on stderr); files the ranking does not name
+    are removed.
+
+    Returns:
+        ``best_checkpoints``, ``best_epoch`` and ``best_val_top1`` as they hold now.
+    """
+    ranking = [list(r) for r in ckpt.get("best_checkpoints") or []]
+    if not ranking and ckpt.get("best_epoch"):  # older checkpoints: the best alone
+        ranking = [[ckpt["best_val_top1"], ckpt["best_epoch"]]]
+    # Files that completely hold an epoch's weights; best-epochNNNN.pt only under its own name.
+    held: dict[int, Path] = {}
+    for path in sorted(run_dir.glob("best-epoch*.pt")):
+        epoch = _held_epoch(path)
+        if epoch is not None and path.name == best_name(epoch):
+            held[epoch] = path
+    if (run_dir / BEST).exists() and (epoch := _held_epoch(run_dir / BEST)) is not None:
+        held.setdefault(epoch, run_dir / BEST)
+    # last.pt written at the end of this epoch holds its weights (an epoch-end save: batch 0).
+    rebuildable = ckpt["epoch"] if ckpt["batch"] == 0 else None
+    kept = []
+    for top1, epoch in ranking:
+        if epoch in held or epoch == rebuildable:
+            kept.append([top1, epoch])
+        else:
+            print(
+                f"warning: {run_dir}: the weights of epoch {epoch} (val top-1 {top1:.2f}), "
+                f"ranked by {LAST}, are missing or incomplete and cannot be rebuilt: that epoch "
+                "is no longer counted among the best",
+                file=sys.stderr,
+            )
+    names = [BEST if i == 0 else best_name(int(e)) for i, (_, e) in enumerate(kept)]
+    # The lowest-ranked first: best.pt's old bytes get their own name before best.pt changes.
+    for name, (_, epoch) in reversed(list(zip(names, kept, strict=True))):
+        target = run_dir / name
+        if held.get(epoch) == target:
+            continue
+        if epoch in held:
+            _keep_as(held[epoch], target)
+        else:
+            atomic_write(target, lambda f: torch.save(_weights_of(ckpt), f))
+            print(
+                f"{target.name}: rebuilt from {LAST} (epoch {epoch}; its write was interrupted)",
+                file=sys.stderr,
+            )
+        held = {e: p for e, p in held.items() if p != target} | {epoch: target}
+    for path in run_dir.glob("best-epoch*.pt"):
+        if path.name not in names:
+            path.unlink(missing_ok=True)
+    best_val_top1, best_epoch = kept[0] if kept else (float("-inf"), 0)
+    return {"best_checkpoints": kept, "best_epoch": int(best_epoch), "best_val_top1": best_val_top1}
+
+
 def restore(
     ckpt: dict[str, Any],
     *,
@@ -334,12 +483,7 @@ def restore(
     (EMA turned on at a resume starts from the current weights). A mid-epoch checkpoint is
     refused under another ``accum_steps`` (CheckpointError).
     """
-    if ckpt.get("format") == WEIGHTS_FORMAT:
-        raise CheckpointError(f"a {BEST} holds weights only; resume from the run's {LAST}")
-    if ckpt.get("format") != TRAINING_FORMAT:
-        raise CheckpointError(
-            f"not a powergrad training checkpoint (format {ckpt.get('format')!r})"
-        )
+    check_resumable(ckpt, "this checkpoint")
     saved_accum = ((ckpt.get("config") or {}).get("trainer") or {}).get("accum_steps", 1)
     if ckpt["batch"] and saved_accum != accum_steps:
         # batch counts loader batches of global / (world size x accum_steps) images: another
@@ -349,14 +493,21 @@ def restore(
             f"trainer.accum_steps={saved_accum} (it may change at an epoch end)"
         )
     rank = pgdist.rank()
-    unwrap_model(model).load_state_dict(ckpt["model"])
-    if ema is not None:
-        ema.module.load_state_dict(ckpt.get("ema") or ckpt["model"])
     # The optimizer's momentum buffers come from the checkpoint, its hyper-parameters from the
     # config (the same unless a resume changed them on purpose); the schedule is a function of
     # the step count alone, so it follows the config's plan too.
     configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    optimizer.load_state_dict(ckpt["optimizer"])
+    try:
+        unwrap_model(model).load_state_dict(ckpt["model"])
+        if ema is not None:
+            ema.module.load_state_dict(ckpt.get("ema") or ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:  # torch's multi-line mismatch reports
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{LAST} holds another model than this run builds ({first[:200]}); a run continues "
+            "with its own model and classes: start a new run (model.init=PATH takes its weights)"
+        ) from None
     for group, values in zip(optimizer.param_groups, configured, strict=True):
         group.update(values)
     scaler.load_state_dict(ckpt["scaler"])

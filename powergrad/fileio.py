@@ -12,11 +12,11 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO
 
-__all__ = ["TEMP_SUFFIX", "DiskFullError", "atomic_write", "remove_stale_temps"]
+__all__ = ["TEMP_SUFFIX", "DiskFullError", "atomic_write", "remove_stale_temps", "temp_pattern"]
 
 TEMP_SUFFIX = ".tmp"
 # A failed write with less free space than this (bytes) on its disk failed for lack of space.
@@ -85,9 +85,17 @@ def _free_bytes(folder: Path) -> int:
         return _FULL_BELOW
 
 
-def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
-    """Delete temporary files that a killed :func:`atomic_write` left in ``folder``."""
-    stale = [p for p in Path(folder).glob(f".*{TEMP_SUFFIX}") if p.is_file()]
+def temp_pattern(name: str) -> str:
+    """The glob of the temporary files :func:`atomic_write` makes for target ``name`` (itself
+    a file name or a glob): ``.NAME.<random>.tmp``."""
+    return f".{name}.*{TEMP_SUFFIX}"
+
+
+def remove_stale_temps(folder: str | os.PathLike, names: Iterable[str]) -> list[Path]:
+    """Delete the temporary files that a killed :func:`atomic_write` of one of ``names`` (file
+    names or globs) left in ``folder``; anything else there, hidden ``*.tmp`` files of other
+    programs included, is left alone."""
+    stale = {p for name in names for p in Path(folder).glob(temp_pattern(name)) if p.is_file()}
     for p in stale:
         p.unlink(missing_ok=True)
-    return stale
+    return sorted(stale)

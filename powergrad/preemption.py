@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from powergrad import distributed as pgdist
+from powergrad.fileio import atomic_write
 
 __all__ = ["EXIT_PREEMPTED", "MARKER", "Preempted", "PreemptionWatcher", "exit_for_requeue"]
 
@@ -138,20 +139,12 @@ class PreemptionWatcher:
         if self.info.is_main:
             name = signal.Signals(self.agreed).name
             record = {"signal": name, "step": step, "time": time.time()}
-            (run_dir / MARKER).write_text(json.dumps(record) + "\n")
+            atomic_write(run_dir / MARKER, json.dumps(record) + "\n")
         pgdist.barrier()  # the marker exists before any rank exits
         # Only submitit's own signal asks for a requeue: SIGTERM is also what `scancel` sends,
         # and `scontrol requeue` would bring a cancelled job back.
         requeue = self._requeue if self.agreed == self._submitit_sig else None
         raise Preempted(self.agreed, step, run_dir, requeue)
-
-
-def should_resume(run_dir: Path, auto_resume: bool) -> bool:
-    """Whether a new start in ``run_dir`` continues it: it was preempted, or ``auto_resume``
-    is on and it holds a checkpoint."""
-    from powergrad.checkpoint import LAST
-
-    return (run_dir / MARKER).exists() or (auto_resume and (run_dir / LAST).exists())
 
 
 def exit_for_requeue(e: Preempted) -> None:

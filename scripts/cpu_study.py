@@ -179,6 +179,7 @@ def run_one(
     wall = time.perf_counter() - start
     (run_dir.parent / f"seed{seed}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0 and "non-finite" in proc.stderr:
+        run_dir.mkdir(exist_ok=True)  # a run that diverged before its first checkpoint left none
         (run_dir / DIVERGED).write_text(f"git_sha {sha}\n" + proc.stderr[-2000:])
         log(f"{point.name} seed{seed}: diverged (non-finite loss)")
         return point, seed, wall, 0

@@ -18,9 +18,17 @@ columns). The train split is the official per-class tars extracted to ROOT/train
   mkdir -p ROOT/train && tar -xf ILSVRC2012_img_train.tar -C ROOT/train &&
   cd ROOT/train && for t in n*.tar; do mkdir ${t%.tar} && tar -xf $t -C ${t%.tar} && rm $t; done
 
+Placing is restartable: a copy is written to a hidden temporary file and renamed into place, a
+move is a rename (across filesystems: a copy renamed into place, then the source removed), so a
+kill at any moment leaves each image either whole at its place or still at its source. Run the
+same command again after a kill: it removes the temporary files, completes the job (a move
+finds the images already moved), and replaces any placed file that does not match its source
+(size, link target), such as one cut short by an older version of this script.
+
 The check (always run, also alone without --val-dir) counts images and classes and compares
 train and val class folders: by default 1,281,167 train and 50,000 val images in 1,000 classes,
 the same sorted wnids in both splits (--expect-* to change, --no-count-check to skip counts).
+After placing, it also holds every placed image against its source.
 
 Usage:
   python scripts/prepare_imagenet.py --root ROOT --val-dir FLAT_VAL --labels LOC_val_solution.csv
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import os
 import shutil
 import sys
@@ -87,37 +96,105 @@ def read_val_labels(labels: Path, meta: Path | None) -> dict[str, str]:
     return pairs
 
 
+# Hidden (the layout check skips dot files), and named so that a rerun knows them as its own.
+_TEMP_PREFIX = ".prepare-"
+_TEMP_SUFFIX = ".tmp"
+
+
+def _temp_for(dst: Path) -> Path:
+    return dst.with_name(f"{_TEMP_PREFIX}{dst.name}{_TEMP_SUFFIX}")
+
+
 def _place(src: Path, dst: Path, mode: str) -> None:
+    """Put ``src`` at ``dst`` in one rename: ``dst`` is never seen incomplete."""
+    if mode == "move":
+        try:
+            os.replace(src, dst)
+            return
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+        # Another filesystem: copy into place, then remove the source (a rerun finds the copy).
+        _place(src, dst, "copy")
+        src.unlink()
+        return
+    tmp = _temp_for(dst)
+    tmp.unlink(missing_ok=True)
     if mode == "copy":
-        shutil.copy2(src, dst)
+        shutil.copy2(src, tmp)
     elif mode == "hardlink":
-        os.link(src, dst)
-    elif mode == "symlink":
-        dst.symlink_to(src.resolve())
+        os.link(src, tmp)
     else:
-        os.replace(src, dst)
+        tmp.symlink_to(src.resolve())
+    os.replace(tmp, dst)
+
+
+def _matches(src: Path, dst: Path, mode: str) -> bool:
+    """Whether the placed ``dst`` is ``src`` as ``mode`` puts it (a whole copy by size)."""
+    try:
+        if mode == "hardlink":
+            return os.path.samefile(src, dst)
+        if mode == "symlink":
+            return dst.is_symlink() and dst.resolve() == src.resolve()
+        return dst.stat().st_size == src.stat().st_size
+    except OSError:
+        return False
 
 
 def organize_val(val_dir: Path, out: Path, wnids: dict[str, str], mode: str) -> int:
     """Place every labelled image of the flat `val_dir` into out/<wnid>/; returns the count.
 
-    Fails (before touching anything) if an image has no label or a label has no image.
+    Fails (before touching anything) if an image has no label or a label has no image; an
+    image already at its place (a rerun, e.g. after a kill) counts as there.
     """
     images = {p.stem: p for p in sorted(val_dir.iterdir()) if p.is_file()}
+    placed = {}
+    if out.is_dir():
+        for folder in out.iterdir():
+            if folder.is_dir():
+                for tmp in folder.glob(f"{_TEMP_PREFIX}*{_TEMP_SUFFIX}"):
+                    tmp.unlink()  # a copy that a kill interrupted
+                placed.update({p.stem: p for p in folder.iterdir() if not p.name.startswith(".")})
     unlabelled = sorted(set(images) - set(wnids))
-    missing = sorted(set(wnids) - set(images))
+    missing = sorted(set(wnids) - set(images) - set(placed))
     if unlabelled or missing:
         raise SystemExit(
             f"labels and images of {val_dir} disagree: {len(unlabelled)} image(s) without a label "
             f"(e.g. {unlabelled[:3]}), {len(missing)} label(s) without an image (e.g. {missing[:3]})"
         )
+    replaced = 0
     for stem, src in images.items():
         folder = out / wnids[stem]
         folder.mkdir(parents=True, exist_ok=True)
         dst = folder / src.name
-        if not dst.exists():
-            _place(src, dst, mode)
-    return len(images)
+        if dst.exists() or dst.is_symlink():
+            if _matches(src, dst, mode):
+                if mode == "move":
+                    src.unlink()  # a move across filesystems stopped before removing its source
+                continue
+            replaced += 1
+        _place(src, dst, mode)
+    if replaced:
+        print(f"replaced {replaced} incomplete file(s) in {out}")
+    return len(wnids)
+
+
+def check_placed(val_dir: Path, out: Path, wnids: dict[str, str], mode: str) -> list[str]:
+    """Problems of the placed val images: missing, or (with the source still there, as after a
+    copy or a link) not matching it."""
+    sources = {p.stem: p for p in val_dir.iterdir() if p.is_file()}
+    placed = {}
+    for wnid in set(wnids.values()):
+        if (out / wnid).is_dir():
+            placed.update({(wnid, p.stem): p for p in (out / wnid).iterdir()})
+    problems = []
+    for stem, wnid in sorted(wnids.items()):
+        dst, src = placed.get((wnid, stem)), sources.get(stem)
+        if dst is None:
+            problems.append(f"{out / wnid}: no {stem}.*")
+        elif src is not None and not _matches(src, dst, mode):
+            problems.append(f"{dst} does not match {src}")
+    return problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
 
 
 def check_layout(
@@ -171,12 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-count-check", action="store_true", help="check layout, not counts")
     args = parser.parse_args(argv)
 
+    placed_problems = []
     if args.val_dir is not None:
         if args.labels is None:
             parser.error("--val-dir needs --labels")
         wnids = read_val_labels(args.labels, args.meta)
         placed = organize_val(args.val_dir, args.root / "val", wnids, args.mode)
         print(f"placed {placed} val images into {args.root / 'val'} ({args.mode})")
+        placed_problems = check_placed(args.val_dir, args.root / "val", wnids, args.mode)
     counts = (
         (None, None, None)
         if args.no_count_check
@@ -186,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             args.expect_classes,
         )
     )
-    problems = check_layout(args.root, *counts)
+    problems = placed_problems + check_layout(args.root, *counts)
     for problem in problems:
         print(f"ERROR: {problem}", file=sys.stderr)
     if not problems:

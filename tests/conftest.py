@@ -91,6 +91,25 @@ def kill_at_checkpoint(victim, last, reached, poll_s=0.02, timeout_s=240):
     return torch.load(last, weights_only=True)
 
 
+def kill_when(victim, condition, poll_s=0.001, timeout_s=240):
+    """SIGKILL the process ``victim`` at the first moment ``condition()`` holds. The condition is
+    checked again with the process stopped (SIGSTOP), so the kill leaves the state it saw; when
+    it no longer holds, the process goes on (SIGCONT) and the watch continues."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and victim.poll() is None:
+        if condition():
+            os.kill(victim.pid, signal.SIGSTOP)
+            if condition():
+                os.kill(victim.pid, signal.SIGKILL)
+                victim.wait(timeout=60)
+                return
+            os.kill(victim.pid, signal.SIGCONT)
+        time.sleep(poll_s)
+    victim.kill()
+    victim.wait(timeout=60)
+    raise AssertionError("the process ended (or timed out) before the moment to kill it came")
+
+
 def save_checkpoint(run_dir, model, state, *, optimizer=None, best=False, writer=None):
     """checkpoint.save of `model` and `state` with an SGD optimizer, no scaler, a constant
     schedule and empty meters / loader state, as a test needs it."""
