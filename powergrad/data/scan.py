@@ -10,7 +10,8 @@ from powergrad.data.layout import SPLITS, scan_split, sniff_file
 
 
 def decode_problem(path: str) -> str:
-    """'' if the file decodes to a 3-channel image of positive size, else the reason."""
+    """'' if the file decodes to a 3-channel 8-bit image of positive size (the torch loader's
+    decoder, :func:`~powergrad.data.torch_backend.load_rgb`), else the reason."""
     import torch
 
     from powergrad.data.torch_backend import load_rgb
@@ -27,6 +28,8 @@ def decode_problem(path: str) -> str:
         return f"decode failed: {type(e).__name__}: {first_line}"
     if image.ndim != 3 or image.shape[0] != 3 or min(image.shape[1:]) < 1:
         return f"decoded to shape {tuple(image.shape)}, not 3 x H x W"
+    if image.dtype != torch.uint8:  # what both loaders hand on (load_rgb converts 16-bit)
+        return f"decoded to {image.dtype}, not uint8"
     return ""
 
 
