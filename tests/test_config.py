@@ -217,6 +217,8 @@ def test_eval_config_requires_an_existing_checkpoint(tmp_path):
         validate_eval(_compose(name="eval"))
     with pytest.raises(ConfigError, match="no such file"):
         validate_eval(_compose(f"checkpoint={tmp_path}/x.pt", name="eval"))
+    with pytest.raises(ConfigError, match=f"checkpoint={tmp_path}: a folder, not a file"):
+        validate_eval(_compose(f"checkpoint={tmp_path}", name="eval"))
     weights = tmp_path / "w.pth.tar"
     weights.write_bytes(b"")
     validate_eval(_compose(f"checkpoint={weights}", "model=resnet50", name="eval"))

@@ -43,8 +43,9 @@ def load_rgb(path: str) -> torch.Tensor:
 
     torchvision.io first (libjpeg-turbo; grayscale and CMYK JPEGs are converted to RGB, alpha
     dropped, palettes expanded), PIL only for other formats it cannot decode (BMP, TIFF).
-    16-bit images (PNG, TIFF) are scaled to 8 bits with DALI's rounding; EXIF orientation is
-    ignored on both backends, as the paper's loaders (PIL's ImageFolder, 2021's DALI) did. A
+    16-bit images (PNG, TIFF) are scaled to 8 bits with DALI's rounding. The EXIF orientation
+    is ignored on both backends, as by the authors' PyTorch loader (torchvision's ImageFolder,
+    PIL: timm/data/ext_dataloaders.py of their fork) and timm's; DALI applies it by default. A
     JPEG torchvision refuses is bad: it raises on corrupt image data ("Image is incomplete or
     truncated") where PIL, like DALI, may return garbage pixels, so falling back to PIL would
     hide the corruption.
