@@ -23,7 +23,14 @@ from omegaconf import DictConfig, OmegaConf
 from powergrad import checkpoint, resources
 from powergrad import distributed as pgdist
 from powergrad.checkpoint import CheckpointError
-from powergrad.config import ConfigError, register_configs, validate_eval, with_saved_values
+from powergrad.command_line import exit_on_bad_command_line
+from powergrad.config import (
+    ConfigError,
+    EvalConfig,
+    register_configs,
+    validate_eval,
+    with_saved_values,
+)
 from powergrad.data import DatasetError, Shard, build_loaders
 from powergrad.engine import AMP_DTYPES, evaluate
 from powergrad.models import build_model, load_state_dict_strict, load_timm_checkpoint
@@ -127,4 +134,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    # A typo or bad value ends here in one line, before anything is loaded.
+    exit_on_bad_command_line(
+        Path(__file__).parent / "configs", "eval", schema=EvalConfig, validate=validate_eval
+    )
     main()

@@ -39,7 +39,8 @@ from powergrad.checkpoint import (
     TrainState,
     rank_best,
 )
-from powergrad.config import ConfigError, register_configs, validate_train
+from powergrad.command_line import exit_on_bad_command_line
+from powergrad.config import ConfigError, TrainConfig, register_configs, validate_train
 from powergrad.data import DatasetError, Shard, build_loaders, file_list_change
 from powergrad.diagnostics import filter_norm_record
 from powergrad.engine import (
@@ -489,4 +490,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    # A typo or bad value (any job of a sweep) ends here in one line, before Hydra writes.
+    exit_on_bad_command_line(
+        Path(__file__).parent / "configs", "train", schema=TrainConfig, validate=validate_train
+    )
     main()

@@ -12,9 +12,15 @@ configs/train.yaml), writing into the sweep directory:
 - ``compare.png``: train (dashed) and val (solid) top-1 against the epoch, one colour per
   configuration.
 
-Also usable by hand on any run directories::
+Also usable by hand on any run directories (or a sweep folder, which stands for its jobs)::
 
     python -m powergrad.compare multirun/DATE/TIME_ID/*  [--out DIR]
+
+Nothing is left out silently: a folder without summary.json (a crashed, killed or running run),
+a file that cannot be read whole (a corrupt summary.json, a metrics.jsonl line cut short) and a
+copy of a run already read (the same wandb id, recorded run directory, or content; counted once)
+each get a note, printed and written under the table. A missing run folder, an ``--out`` that
+cannot be written (it is created when missing) or no run at all: one line, exit status 2.
 
 Runs are loaded by :mod:`powergrad.results` (the report's loader); "seeds of one configuration"
 is its :func:`~powergrad.results.by_configuration`, the wandb job type's key.
@@ -26,7 +32,10 @@ import argparse
 import csv
 import io
 import json
+import os
+import sys
 import time
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -35,15 +44,27 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from powergrad.fileio import atomic_write
-from powergrad.results import Stat, by_configuration, load_runs, mean_std
+from powergrad.results import (
+    CONFIG_FILE,
+    RunFileWarning,
+    Stat,
+    by_configuration,
+    load_run,
+    load_runs,
+    mean_std,
+    read_history,
+)
+from powergrad.tracking import METRICS_FILE, SUMMARY_FILE
 
 __all__ = [
     "LABELS",
     "METRICS",
     "CompareCallback",
+    "CompareError",
     "compare_runs",
     "configurations",
     "format_table",
+    "load_comparable",
     "load_runs",
     "plot_runs",
     "run_rows",
@@ -195,17 +216,130 @@ def _stat_json(stat: Stat | None) -> dict[str, float | int] | None:
     return None if stat is None else {"mean": stat.mean, "std": stat.std, "n": stat.n}
 
 
+class CompareError(ValueError):
+    """Input compare cannot use (a missing run folder, an unwritable --out); names the path."""
+
+
+# Files that make a folder a run directory (train.py writes config.yaml first, summary.json last).
+_RUN_FILES = (SUMMARY_FILE, CONFIG_FILE, METRICS_FILE)
+
+
+def _is_run(folder: Path) -> bool:
+    return any((folder / name).exists() for name in _RUN_FILES)
+
+
+def _run_folders(run_dirs: Iterable[str | Path]) -> list[Path]:
+    """The run folders to read, sorted: each given folder (it must exist); a sweep folder (no
+    run files of its own, job folders inside) stands for its job folders."""
+    out = []
+    for folder in map(Path, run_dirs):
+        if not folder.is_dir():
+            raise CompareError(
+                f"{folder}: {'not a folder' if folder.exists() else 'no such folder'}"
+            )
+        jobs = [] if _is_run(folder) else [
+            d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".") and _is_run(d)
+        ]  # fmt: skip
+        out += jobs or [folder]
+    return sorted(out)
+
+
+def _out_folder(out_dir: str | Path) -> Path:
+    """``out_dir``, checked to be (or to be creatable as) a writable folder; not created."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CompareError(f"--out {out}: not a folder")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+        raise CompareError(f"--out {out}: {existing} is not a writable folder")
+    return out
+
+
+def _not_compared(folder: Path) -> str:
+    """Why a folder without summary.json is left out."""
+    if not _is_run(folder):
+        return f"{folder}: not a run folder (no {', '.join(_RUN_FILES)}): left out"
+    epochs = len(read_history(folder))
+    return (
+        f"{folder}: no {SUMMARY_FILE}, the run crashed, was killed or is still running "
+        f"({epochs} epoch(s) in {METRICS_FILE}): left out"
+    )
+
+
+# A run's identity when its summary names neither a wandb id nor its run directory.
+_CONTENT = "config, summary and history"
+
+
+def _identity(run: dict[str, Any]) -> tuple[str, str]:
+    """What names one training run, whichever folder holds it: its wandb id, else the run
+    directory train.py recorded in summary.json, else its whole content."""
+    summary = run["summary"]
+    if summary.get("wandb_id"):
+        return "wandb id", str(summary["wandb_id"])
+    if summary.get("run_dir"):
+        return "recorded run_dir", str(summary["run_dir"])
+    content = [run["config"], summary, run["history"]]
+    return _CONTENT, json.dumps(content, sort_keys=True, default=str)
+
+
+def _drop_copies(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Each training run once (a folder copied elsewhere is the same run, not another seed);
+    the folder it was trained in is kept when it is among them. Returns (runs, notes)."""
+    kept: dict[tuple[str, str], dict[str, Any]] = {}
+    notes = []
+    for run in runs:
+        key = _identity(run)
+        first = kept.get(key)
+        if first is None:
+            kept[key] = run
+            continue
+        if Path(run["run_dir"]).resolve() == Path(str(run["summary"].get("run_dir"))).resolve():
+            kept[key], run, first = run, first, run  # the original folder stays
+        same = f"identical {_CONTENT}" if key[0] == _CONTENT else f"the same {key[0]} {key[1]}"
+        notes.append(f"{run['run_dir']}: a copy of {first['run_dir']} ({same}): counted once")
+    return list(kept.values()), notes
+
+
+def load_comparable(run_dirs: Iterable[str | Path]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The runs of ``run_dirs`` to compare (finished or cut short, each run once) and a note
+    for each folder left out or read in part (crashed, corrupt file, copy of another run).
+
+    Raises:
+        CompareError: a given folder does not exist.
+    """
+    runs, notes = [], []
+    for folder in _run_folders(run_dirs):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RunFileWarning)
+            run = load_run(folder, finished_only=False)  # a sweep's cut-short jobs too
+            missing = run is None and not (folder / SUMMARY_FILE).exists()
+            why = _not_compared(folder) if missing else None
+        notes += [str(w.message) for w in caught if issubclass(w.category, RunFileWarning)]
+        notes += [why] if why else []
+        runs += [run] if run else []
+    runs, copies = _drop_copies(runs)
+    return runs, notes + copies
+
+
 def compare_runs(
     run_dirs: Iterable[str | Path], out_dir: str | Path, *, total_wall_s: float | None = None
 ) -> str:
-    """Write compare.md / compare.csv / compare.json / compare.png into ``out_dir`` and return
-    the table (seeds of a configuration averaged); "" when no directory holds a run."""
-    out_dir = Path(out_dir)
-    runs = load_runs(run_dirs, finished_only=False)  # a sweep's cut-short jobs are shown too
+    """Write compare.md / compare.csv / compare.json / compare.png into ``out_dir`` (created
+    when missing) and return the table (seeds of a configuration averaged) with its notes.
+
+    Raises:
+        CompareError: a folder does not exist, ``out_dir`` cannot be written, or no folder
+            holds a run (the message lists why each was left out).
+    """
+    out_dir = _out_folder(out_dir)
+    runs, notes = load_comparable(run_dirs)
     if not runs:
-        return ""
+        raise CompareError("no run to compare: " + ("; ".join(notes) or "no folder given"))
     table = format_table(runs)
     note = f"\n\ntotal wall time: {total_wall_s:.0f} s" if total_wall_s is not None else ""
+    if notes:
+        note += "\n\nnotes:\n" + "\n".join(f"- {n}" for n in notes)
+    out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "compare.md", table + note + "\n")
     rows = run_rows(runs)
     atomic_write(out_dir / "compare.csv", _csv(rows))
@@ -221,7 +355,8 @@ def compare_runs(
     atomic_write(
         out_dir / "compare.json",
         json.dumps(
-            {"rows": rows, "configurations": configs, "total_wall_s": total_wall_s}, indent=2
+            {"rows": rows, "configurations": configs, "total_wall_s": total_wall_s, "notes": notes},
+            indent=2,
         )
         + "\n",
     )
@@ -241,29 +376,33 @@ class CompareCallback(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         start = getattr(self, "_start", None)
         total = time.perf_counter() - start if start is not None else None
-        table = compare_runs(
-            [p for p in sweep_dir.iterdir() if p.is_dir()], sweep_dir, total_wall_s=total
+        jobs = [p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        try:
+            table = compare_runs(jobs, sweep_dir, total_wall_s=total)
+        except CompareError as e:
+            print(f"\ncompare: {e}")
+            return
+        print(
+            f"\n{table}\n\nwritten: {sweep_dir}/compare.md, compare.csv (one row per run), "
+            "compare.json, compare.png"
         )
-        if table:
-            print(
-                f"\n{table}\n\nwritten: {sweep_dir}/compare.md, compare.csv (one row per run), "
-                "compare.json, compare.png"
-            )
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: compare run directories given on the command line."""
+    """CLI: compare run directories given on the command line (exit 2 with one line for a
+    missing folder, an unwritable --out, or no run among them)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dirs", nargs="+")
-    parser.add_argument("--out", default=".", help="where compare.md/csv/json/png go")
+    parser.add_argument("run_dirs", nargs="+", help="run folders, or a sweep folder")
+    parser.add_argument("--out", default=".", help="where compare.md/csv/json/png go (created)")
     args = parser.parse_args(argv)
-    table = compare_runs(args.run_dirs, args.out)
-    if table:
-        print(
-            f"{table}\n\nwritten: {Path(args.out)}/compare.md, compare.csv, compare.json, compare.png"
-        )
-    else:
-        print("no run with a summary.json")
+    try:
+        table = compare_runs(args.run_dirs, args.out)
+    except CompareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(
+        f"{table}\n\nwritten: {Path(args.out)}/compare.md, compare.csv, compare.json, compare.png"
+    )
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from powergrad.clip import CLIP_MODES
 from powergrad.data.config import BACKENDS, DATASETS, DataConfig, LoaderConfig
+from powergrad.data.layout import BAD_MANIFEST_NAME, DatasetError, read_bad_manifest
 from powergrad.method import method_label
 from powergrad.optim import SCHEDULES, milestone_epochs
 from powergrad.pgt import TRANSFORMS
@@ -362,7 +363,26 @@ def _check_data(cfg: DictConfig) -> None:
     if root and not Path(root).expanduser().is_dir():
         from_env = imagenet and os.environ.get(env_var) == root
         source = f" (from {env_var})" if from_env else ""
-        raise ConfigError(f"data.root={root}{source}: no such directory")
+        what = "a file, not a folder" if Path(root).expanduser().exists() else "no such directory"
+        raise ConfigError(f"data.root={root}{source}: {what}")
+    manifest = cfg.data.get("bad_files")
+    if manifest and not Path(str(manifest)).expanduser().is_file():
+        raise ConfigError(
+            f"data.bad_files={manifest}: no such file (scripts/check_dataset.py writes it)"
+        )
+    default = Path(root).expanduser() / BAD_MANIFEST_NAME if root else None
+    manifest = Path(str(manifest)).expanduser() if manifest else default
+    if manifest is not None and manifest.is_file():
+        try:
+            read_bad_manifest(manifest)  # the loaders read it after the run dir is claimed
+        except DatasetError as e:
+            raise ConfigError(str(e)) from None
+    for group in ("data", "loader"):
+        try:
+            # DataConfig / LoaderConfig check their own values (ranges, choices) when built.
+            OmegaConf.to_object(cfg[group])
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def _check_model(name: str) -> None:
@@ -386,6 +406,27 @@ def _check_init(model: DictConfig) -> None:
             "here; none in the Hugging Face or torch hub cache). Download them once where there "
             f"is network (timm.create_model('{model.name}', pretrained=True)), or pass "
             "model.init=PATH"
+        )
+
+
+def _check_batch_norm_batch(cfg: DictConfig, world: int) -> None:
+    """BatchNorm cannot train on one image per rank and step (its batch variance is 0: torch
+    raises in the first step); the check builds the model on the meta device, only then."""
+    t = cfg.trainer
+    if t.batch_size // (world * t.accum_steps) != 1:
+        return
+    import torch
+
+    from powergrad.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(cfg.model.name, 2)
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ConfigError(
+            f"trainer.batch_size={t.batch_size} / (world size {world} x trainer.accum_steps="
+            f"{t.accum_steps}) is 1 image per rank and step: model={cfg.model.name} has "
+            "BatchNorm, which cannot train on one image; use at least 2 per rank, or "
+            "model=resnet18_nonorm"
         )
 
 
@@ -520,6 +561,9 @@ def validate_train(cfg: DictConfig, world_size: int | None = None) -> None:
             "batch_size / (world_size * accum_steps); pick a batch_size that is a multiple of "
             f"{world * t.accum_steps}"
         )
+    _check_batch_norm_batch(cfg, world)
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"seed={cfg.seed}: must be in [0, 2**32) (numpy's and torch's range)")
     if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
         raise ConfigError(f"trainer.ema_decay={t.ema_decay}: must be in (0, 1), or null (off)")
     if t.mixup_alpha < 0 or t.cutmix_alpha < 0:
@@ -595,7 +639,9 @@ def validate_eval(cfg: DictConfig) -> None:
     _check_precision(cfg.precision, cfg.device)
     if OmegaConf.is_missing(cfg, "checkpoint") or not cfg.checkpoint:
         raise ConfigError("pass the weights to evaluate: checkpoint=PATH")
-    if not Path(str(cfg.checkpoint)).expanduser().is_file():
-        raise ConfigError(f"checkpoint={cfg.checkpoint}: no such file")
+    checkpoint = Path(str(cfg.checkpoint)).expanduser()
+    if not checkpoint.is_file():
+        what = "a folder, not a file" if checkpoint.is_dir() else "no such file"
+        raise ConfigError(f"checkpoint={cfg.checkpoint}: {what}")
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size={cfg.batch_size}: must be >= 1")

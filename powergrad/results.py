@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,6 +36,7 @@ __all__ = [
     "CONFIG_FILE",
     "NOT_RUN",
     "PAPER_YAML",
+    "RunFileWarning",
     "Stat",
     "baseline_id",
     "by_configuration",
@@ -141,28 +143,100 @@ def final_and_best(summary: dict[str, Any], history: list[dict[str, Any]]) -> di
     return out
 
 
+class RunFileWarning(UserWarning):
+    """A run's file could not be read whole: the run is left out, or read without the broken
+    part; the message names the file."""
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, RunFileWarning, stacklevel=3)
+
+
 def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The run's epoch records (metrics.jsonl), [] when it has none."""
+    """The run's epoch records (metrics.jsonl), [] when it has none.
+
+    Lines that are not JSON records (a last line cut short by a kill, a corrupt line) are left
+    out with a :class:`RunFileWarning` naming the file and the lines.
+    """
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    except OSError as e:
+        _warn(f"{path}: not readable ({e.strerror}); the run's epochs are left out")
+        return []
+    records, broken = [], []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            broken.append(number)
+    if broken:
+        where = (
+            "its last line is cut short"
+            if broken == [len(lines)]
+            else f"line(s) {', '.join(map(str, broken))} are not JSON records"
+        )
+        _warn(f"{path}: {where}; read the {len(records)} other epoch record(s)")
+    return records
+
+
+def _read_summary(path: Path) -> dict[str, Any] | None:
+    """summary.json as a dict; None (with a RunFileWarning naming it) when it is not one."""
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        _warn(f"{path}: not readable as JSON ({e}); the run is left out")
+        return None
+    if not isinstance(summary, dict):
+        _warn(f"{path}: holds a {type(summary).__name__}, not a summary; the run is left out")
+        return None
+    return summary
+
+
+def _read_config(path: Path) -> dict[str, Any] | None:
+    """config.yaml as a dict; None when absent or (with a RunFileWarning) unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        _warn(f"{path}: not readable as YAML ({first}); the run is read without its config")
+        return None
+    if not isinstance(config, dict):
+        _warn(f"{path}: not a config mapping; the run is read without its config")
+        return None
+    return config
 
 
 def load_run(run_dir: str | Path, *, finished_only: bool = True) -> dict[str, Any] | None:
     """``{"run_dir", "config", "summary", "history"}`` of a run directory, or None.
 
-    None when there is no summary.json; with ``finished_only`` (the report's rule) also when
-    config.yaml is missing or the run stopped before its budget (``trainer.epochs``): a run cut
-    short (e.g. diverged) is not a result for a paper row. ``config`` is {} when absent.
+    None when there is no readable summary.json; with ``finished_only`` (the report's rule)
+    also when config.yaml is missing or the run stopped before its budget
+    (``trainer.epochs``): a run cut short (e.g. diverged) is not a result for a paper row.
+    ``config`` is {} when absent. A file that cannot be read whole is named in a
+    :class:`RunFileWarning` (see :func:`read_history`).
     """
     run_dir = Path(run_dir)
     summary_path, config_path = run_dir / SUMMARY_FILE, run_dir / CONFIG_FILE
     if not summary_path.is_file():
         return None
-    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else None
-    summary = json.loads(summary_path.read_text())
-    if finished_only and (config is None or summary.get("epochs") != config["trainer"]["epochs"]):
+    summary = _read_summary(summary_path)
+    if summary is None:
+        return None
+    config = _read_config(config_path)
+    trainer = (config or {}).get("trainer")
+    epochs = trainer.get("epochs") if isinstance(trainer, dict) else None
+    if finished_only and (config is None or summary.get("epochs") != epochs):
         return None
     history = read_history(run_dir)
     return {

@@ -3,11 +3,13 @@ per run in compare.csv, both in compare.json; the CLI and the multirun callback 
 
 import csv
 import json
+import shutil
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import compose_train
 from omegaconf import OmegaConf
@@ -140,3 +142,64 @@ def test_cli_writes_the_same_files(tmp_path):
         "compare.png",
     ]
     assert (out / "compare.md").read_text().strip() == proc.stdout.split("\n\nwritten:")[0].strip()
+
+
+def test_crashed_corrupt_and_copied_runs_are_named_not_dropped(tmp_path):
+    """A crashed run (no summary.json), a corrupt summary.json, a last metrics.jsonl line cut
+    short and run folders copied within the sweep: each named in a note (compare.md,
+    compare.json, the returned text), the copies counted once. (Before: the corrupt file made
+    the whole compare fail with a traceback naming no file, a crashed run vanished without a
+    note, a copy counted as another seed.) The sweep folder itself stands for its jobs."""
+    sweep = tmp_path / "sweep"
+    runs = _sweep(sweep)
+    with (runs[1] / "metrics.jsonl").open("a") as f:
+        f.write('{"epoch": 3, "val_')  # killed mid-write
+    summary = json.loads((runs[3] / "summary.json").read_text())
+    (runs[3] / "summary.json").write_text(json.dumps({**summary, "wandb_id": "1x2y3z"}))
+    shutil.copytree(runs[2], sweep / "2_pgt_copy")
+    shutil.copytree(runs[3], sweep / "3_pgt_copy")
+    (runs[4] / "summary.json").write_text('{"model": "resnet18", ')
+    crashed = sweep / "5_crashed"
+    crashed.mkdir()
+    shutil.copy(runs[0] / "config.yaml", crashed)
+    (crashed / "metrics.jsonl").write_text('{"epoch": 1, "val_top1": 30.0}\n')
+    out = tmp_path / "new" / "out"  # created
+    text = compare.compare_runs([sweep], out)
+    rows = _rows(text.split("\n\nnotes:")[0])
+    assert [(r["method"], r["seed"], r["n"]) for r in rows] == [
+        ("baseline", "0", "1"),
+        ("pgt", "0,1,2", "3"),
+    ]
+    notes = json.loads((out / "compare.json").read_text())["notes"]
+    assert notes[0] == (
+        f"{runs[1] / 'metrics.jsonl'}: its last line is cut short; read the 2 other epoch record(s)"
+    )
+    assert notes[1].startswith(f"{runs[4] / 'summary.json'}: not readable as JSON (")
+    assert notes[2] == (
+        f"{crashed}: no summary.json, the run crashed, was killed or is still running "
+        "(1 epoch(s) in metrics.jsonl): left out"
+    )
+    assert notes[3:] == [
+        f"{sweep / '2_pgt_copy'}: a copy of {runs[2]} (identical config, summary and history): "
+        "counted once",
+        f"{sweep / '3_pgt_copy'}: a copy of {runs[3]} (the same wandb id 1x2y3z): counted once",
+    ]
+    assert (out / "compare.md").read_text().endswith("\n".join(f"- {n}" for n in notes) + "\n")
+    assert text.endswith(notes[-1])
+
+
+def test_cli_refuses_a_missing_folder_in_one_line(tmp_path):
+    runs = _sweep(tmp_path / "sweep")
+    proc = subprocess.run(
+        [sys.executable, "-m", "powergrad.compare", str(runs[0]), str(tmp_path / "nowhere")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr == f"error: {tmp_path / 'nowhere'}: no such folder\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # nothing written
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(compare.CompareError, match=r"no run to compare: .*empty: not a run folder"):
+        compare.compare_runs([tmp_path / "empty"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()

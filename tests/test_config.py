@@ -169,12 +169,40 @@ def test_wrong_type_fails_at_composition():
         (["sched=step", "sched.milestones=[1.5]"], "fraction"),
         (["recipe=authors_code", "trainer.epochs=10"], "cooldown_epochs=10"),
         (["logger.mode=sometimes"], "logger.mode"),
+        # Checked by DataConfig / LoaderConfig or torch only once the run dir was claimed
+        # (a traceback, and the run's files left behind) before validate_train checked them.
+        (["data.on_bad_file=maybe"], "data.on_bad_file='maybe'"),
+        (["data.image_size=0"], "data.image_size=0: must be positive"),
+        (["loader.prefetch=0"], "loader.prefetch=0"),
+        (["seed=-1"], "seed=-1: must be in"),
+        # BatchNorm cannot train on one image per rank and step (a traceback in step 1).
+        (["trainer.batch_size=1"], "model=resnet18 has BatchNorm"),
+        (["trainer.batch_size=4", "trainer.accum_steps=4"], "1 image per rank and step"),
+        (["data.bad_files=/no/such.tsv"], "data.bad_files=/no/such.tsv: no such file"),
     ],
 )
 def test_bad_values_raise_config_error(overrides, needle):
     cfg = _compose(*overrides)
     with pytest.raises(ConfigError, match=needle):
         validate_train(cfg, world_size=1)
+
+
+def test_one_image_per_rank_is_refused_only_with_batch_norm():
+    with pytest.raises(ConfigError, match=r"trainer.batch_size=2 / \(world size 2 x"):
+        validate_train(_compose("trainer.batch_size=2"), world_size=2)
+    validate_train(_compose("model=resnet18_nonorm", "trainer.batch_size=1"), world_size=1)
+    validate_train(_compose("trainer.batch_size=2"), world_size=1)
+
+
+def test_dataset_files_are_checked_before_the_run_starts(tmp_path):
+    """A data.root that is a file; a bad-file manifest that is not text (was: a traceback of
+    the loaders after the run directory was claimed)."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=r"data.root=.*file: a file, not a folder"):
+        validate_train(_compose(f"data.root={tmp_path / 'file'}"), world_size=1)
+    (tmp_path / "bad_files.tsv").write_bytes(b"\xff\xfe binary")
+    with pytest.raises(ConfigError, match=f"manifest {tmp_path / 'bad_files.tsv'} is not"):
+        validate_train(_compose(f"data.root={tmp_path}"), world_size=1)
 
 
 def test_global_batch_must_divide_by_world_size():
@@ -189,6 +217,8 @@ def test_eval_config_requires_an_existing_checkpoint(tmp_path):
         validate_eval(_compose(name="eval"))
     with pytest.raises(ConfigError, match="no such file"):
         validate_eval(_compose(f"checkpoint={tmp_path}/x.pt", name="eval"))
+    with pytest.raises(ConfigError, match=f"checkpoint={tmp_path}: a folder, not a file"):
+        validate_eval(_compose(f"checkpoint={tmp_path}", name="eval"))
     weights = tmp_path / "w.pth.tar"
     weights.write_bytes(b"")
     validate_eval(_compose(f"checkpoint={weights}", "model=resnet50", name="eval"))

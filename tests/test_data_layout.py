@@ -23,6 +23,7 @@ from powergrad.data.layout import (
     sniff_file,
     write_bad_manifest,
 )
+from powergrad.data.scan import full_scan
 
 
 @pytest.fixture
@@ -221,3 +222,45 @@ def test_under_ddp_one_rank_per_node_lists_and_sniffs_the_files(tmp_path):
     warm = out["variants"]["after_warm"]["per_rank"]
     assert [(r["dirs_listed"], r["files_opened"]) for r in warm] == [(folders, 0), (0, 0)]
     assert set(out["ratios"]) == {"before_over_after_wall_cold", "before_over_after_wall_warm"}
+
+
+def test_entries_that_are_not_image_files_are_named_never_opened(tiny):
+    """A symlink loop, a broken symlink, a FIFO (opening it would block), a folder named like
+    an image: each a bad file naming its path, for the start-up check and the full decode scan
+    alike. A class folder that is a symlink loop or points nowhere: one error naming it.
+    (Before: the loop raised OSError; the others were dropped without a word.)"""
+    cls = sorted(os.listdir(tiny / "train"))[0]
+    folder = tiny / "train" / cls
+    good = next(folder.iterdir())
+    os.symlink(good.name, folder / "link.JPEG")  # a symlink to an image: an image
+    os.symlink("loop.JPEG", folder / "loop.JPEG")
+    os.symlink(tiny / "gone.JPEG", folder / "dangling.JPEG")
+    os.mkfifo(folder / "pipe.JPEG")
+    (folder / "folder.JPEG").mkdir()
+    reasons = {
+        "loop.JPEG": "symlink loop",
+        "dangling.JPEG": "broken symlink",
+        "pipe.JPEG": "not a regular file (FIFO)",
+        "folder.JPEG": "a folder inside a class folder",
+    }
+    with pytest.warns(UserWarning, match="4 undecodable") as record:
+        listing = check_dataset(tiny, cache_dir=None)
+    assert len(listing.train) == 5 and f"train/{cls}/link.JPEG" in {s.path for s in listing.train}
+    for name, why in reasons.items():
+        assert f"{folder / name}: {why}" in str(record[0].message)
+    with pytest.raises(DatasetError) as err:
+        check_dataset(tiny, on_bad_file="error", cache_dir=None)
+    assert all(f"{folder / name}: {why}" in str(err.value) for name, why in reasons.items())
+    bad, scanned = full_scan(tiny, workers=1)  # scripts/check_dataset.py: the same verdicts
+    assert bad.keys() == listing.bad.keys() and scanned == 6 + 1 + len(reasons)
+    for target in ("nowhere", "n00000000"):  # a class folder pointing nowhere; a loop
+        os.symlink(target, tiny / "val" / "n00000000")
+        with pytest.raises(DatasetError, match=f"class folder {tiny / 'val' / 'n00000000'}: "):
+            check_dataset(tiny, cache_dir=None)
+        (tiny / "val" / "n00000000").unlink()
+
+
+def test_garbled_manifest_is_named(tiny):
+    (tiny / "bad_files.tsv").write_bytes(b"\xff\xfe\x00 not text\n")
+    with pytest.raises(DatasetError, match=f"manifest {tiny / 'bad_files.tsv'} is not readable"):
+        check_dataset(tiny, cache_dir=None)

@@ -52,3 +52,19 @@ def test_cli_error_without_root(tmp_path):
     assert f"data=imagenet needs its folder: pass data.root=DIR, or set {ENV}=DIR" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.glob("outputs/*/*/config.yaml"))
+
+
+def test_a_root_with_a_tilde_is_the_home_folder(monkeypatch, tmp_path):
+    """data.root='~/imagenet' (quoted: the shell leaves ~ alone): validate_train accepted it,
+    then the loaders looked for a folder literally named ~ (after the run dir was claimed)."""
+    from powergrad.data import LoaderConfig, Shard, build_loaders
+    from powergrad.data.generate import write_image_folder
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("POWERGRAD_CACHE", str(tmp_path / "cache"))
+    write_image_folder(tmp_path / "imagenet", classes=2, train_per_class=2, val_per_class=1,
+                       size=(40, 30))  # fmt: skip
+    cfg = compose_train("data=imagenet", "data.root='~/imagenet'", "loader=torch")
+    validate_train(cfg, world_size=1)
+    loaders = build_loaders(OmegaConf.to_object(cfg.data), LoaderConfig("torch", 0), Shard(2))
+    assert loaders.train_images == 4 and loaders.val_images == 2

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_train
+from conftest import run_train, tiny
 from wandb_offline import read_offline_run
 
 from powergrad.method import method_label
@@ -109,14 +109,20 @@ def test_runs_started_together_get_their_own_directories(tmp_path):
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["trainer.epoch=3"], "Key 'epoch' not in 'TrainerConfig'"),
-        (["method=pgtt"], "Could not find 'method/pgtt'"),
+        (["trainer.epoch=3"], "error: trainer.epoch: no such key (Key 'epoch' not in "),
+        (["method=pgtt"], "error: method=pgtt: method has no option 'pgtt'; did you mean pgt?"),
         (["method=pgt", "method.alpha=2"], "error: method.alpha=2.0 is out of range"),
         (["data=imagenet"], "error: data=imagenet needs its folder: pass data.root=DIR"),
+        # Was ignored: the default run trained (here the tiny one, in seconds).
+        (
+            tiny("experiment=t1_resnet50_cosine_pgtt"),
+            "error: experiment=t1_resnet50_cosine_pgtt: experiment has no option",
+        ),
     ],
 )
 def test_cli_errors_are_clear(tmp_path, args, needle):
+    """One line, exit status 2, nothing written (not even an empty outputs/ folder)."""
     proc = run_train(args, cwd=tmp_path)
-    assert proc.returncode != 0
-    assert needle in proc.stderr
-    assert not list(tmp_path.glob("outputs/*/*/last.pt"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith(needle) and proc.stderr.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []

@@ -106,7 +106,7 @@ def dataset_root(data: DataConfig) -> str:
         return str(materialize_digits())
     if data.root is None:
         raise DatasetError(f"data.root is not set for data.name={data.name}")
-    return data.root
+    return os.path.expanduser(data.root)  # data.root='~/imagenet' (quoted, the shell left ~)
 
 
 def build_loaders(
@@ -142,7 +142,7 @@ def build_loaders(
         dataset_root(data),
         local_rank=shard.local_rank,
         on_bad_file=data.on_bad_file,
-        bad_manifest=data.bad_files,
+        bad_manifest=os.path.expanduser(data.bad_files) if data.bad_files else None,
         cache_dir=default_cache_dir(),
     )
     num_classes = len(listing.classes)
@@ -186,7 +186,9 @@ def build_loaders(
 
 def _warn_without_full_scan(data: DataConfig, root: str) -> None:
     """ImageNet on DALI without a decode scan: say what DALI cannot catch (once per start)."""
-    manifest = Path(data.bad_files) if data.bad_files else Path(root) / BAD_MANIFEST_NAME
+    manifest = (
+        Path(data.bad_files).expanduser() if data.bad_files else Path(root) / BAD_MANIFEST_NAME
+    )
     if data.name == "imagenet" and not manifest.is_file():
         warnings.warn(
             f"no full decode scan of {root} ({manifest} missing): DALI decodes a JPEG with "

@@ -167,6 +167,7 @@ def train_pipeline(feed: EpochFeed, data: DataConfig, gpu: bool, channels_last: 
     images = fn.decoders.image_random_crop(
         encoded,
         output_type=types.RGB,
+        adjust_orientation=False,  # EXIF ignored, as by the torch backend (load_rgb)
         random_area=[data.crop_scale_min, 1.0],
         random_aspect_ratio=[3 / 4, 4 / 3],
         num_attempts=10,
@@ -193,7 +194,12 @@ def val_pipeline(
     encoded, label = fn.readers.file(
         files=files, labels=labels, random_shuffle=False, pad_last_batch=True, name="Reader"
     )
-    images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    images = fn.decoders.image(
+        encoded,
+        device="mixed" if gpu else "cpu",
+        output_type=types.RGB,
+        adjust_orientation=False,  # EXIF ignored, as by the torch backend (load_rgb)
+    )
     images = fn.resize(
         images,
         resize_shorter=val_resize_size(data),

@@ -11,10 +11,12 @@ bad-file manifest (`read_bad_manifest`), which the loaders also skip.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import secrets
+import stat
 import warnings
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -198,25 +200,90 @@ def sniff_file(path: str | os.PathLike) -> str:
     return problem
 
 
-def list_split(root: Path, split: str) -> dict[str, list[os.DirEntry]]:
-    """Class name -> sorted file entries of one split; hidden files and subfolders are ignored."""
+def _follow(entry: os.DirEntry) -> tuple[int | None, str]:
+    """(st_mode of what the entry is or links to, ''), or (None, why it cannot be followed)."""
+    try:
+        return entry.stat().st_mode, ""
+    except FileNotFoundError:
+        return None, "broken symlink (its target does not exist)"
+    except OSError as e:
+        return None, "symlink loop" if e.errno == errno.ELOOP else f"unreadable: {e.strerror}"
+
+
+def _entry_problem(entry: os.DirEntry) -> str:
+    """'' for a regular file (or a symlink to one); else why the entry cannot be read as an
+    image. Never opens the entry (a FIFO would block); a plain file costs no system call."""
+    if entry.is_file(follow_symlinks=False):
+        return ""
+    mode, why = _follow(entry)
+    if mode is None or stat.S_ISREG(mode):
+        return why
+    if stat.S_ISDIR(mode):
+        return "a folder inside a class folder (only its files are read)"
+    kind = "FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device"
+    return f"not a regular file ({kind})"
+
+
+def _scandir(path: Path) -> list[os.DirEntry]:
+    """The entries of a folder, or DatasetError naming it (loop, permissions, I/O error)."""
+    try:
+        with os.scandir(path) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        reason = "a symlink loop" if e.errno == errno.ELOOP else e.strerror or str(e)
+        raise DatasetError(f"cannot list {path}: {reason}") from None
+
+
+def scan_split(root: Path, split: str) -> tuple[dict[str, list[os.DirEntry]], dict[str, str]]:
+    """One split's class folders: (class name -> sorted image file entries, relative path ->
+    reason for each entry of a class folder that cannot be an image: a broken symlink, a
+    symlink loop, a FIFO, socket or device, a subfolder). Hidden entries are ignored.
+
+    Raises DatasetError naming the path for a missing split, a split without class folders, and
+    a class entry that is a broken symlink, a symlink loop or an unreadable folder.
+    """
     split_dir = root / split
     if not split_dir.is_dir():
-        raise DatasetError(f"missing split folder: {split_dir} (expected ROOT/{split}/<class>/*)")
+        what = "not a folder" if split_dir.exists() else "missing split folder"
+        if split_dir.is_symlink() and not split_dir.exists():
+            what = "broken symlink or symlink loop"
+        raise DatasetError(f"{what}: {split_dir} (expected ROOT/{split}/<class>/*)")
     classes: dict[str, list[os.DirEntry]] = {}
-    for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
-        if entry.name.startswith(".") or not entry.is_dir():
+    odd: dict[str, str] = {}
+    entries = _scandir(split_dir)
+    for entry in entries:
+        if entry.name.startswith("."):
             continue
-        files = [e for e in os.scandir(entry.path) if not e.name.startswith(".") and e.is_file()]
-        classes[entry.name] = sorted(files, key=lambda e: e.name)
+        if entry.is_symlink():  # a class folder linked from elsewhere may be gone
+            mode, why = _follow(entry)
+            if mode is None:
+                raise DatasetError(f"class folder {entry.path}: {why}")
+        if not entry.is_dir():
+            continue
+        files = []
+        for e in _scandir(Path(entry.path)):
+            if e.name.startswith("."):
+                continue
+            why = _entry_problem(e)
+            if why:
+                odd[f"{split}/{entry.name}/{e.name}"] = why
+            else:
+                files.append(e)
+        classes[entry.name] = files
     if not classes:
         hint = ""
-        if any(e.is_file() for e in os.scandir(split_dir)):
+        if any(e.is_file() for e in entries):
             hint = "; it holds loose files: for ImageNet's flat val folder run scripts/prepare_imagenet.py"
         raise DatasetError(
             f"no class folders in {split_dir} (expected {split_dir}/<class>/*){hint}"
         )
-    return classes
+    return classes, odd
+
+
+def list_split(root: Path, split: str) -> dict[str, list[os.DirEntry]]:
+    """Class name -> sorted image file entries of one split (:func:`scan_split` without the
+    entries that cannot be images)."""
+    return scan_split(root, split)[0]
 
 
 def _listing_key(root: Path, entries: Iterable[tuple[str, os.DirEntry]]) -> tuple[str, list]:
@@ -271,7 +338,14 @@ def cheap_check(
 def read_bad_manifest(path: str | os.PathLike) -> dict[str, str]:
     """Read a bad-file manifest: lines `relative/path<TAB>reason`, '#' starts a comment."""
     bad = {}
-    for line in Path(path).read_text().splitlines():
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(
+            f"bad-file manifest {path} is not readable as text ({type(e).__name__}: {e}); "
+            "write it again with scripts/check_dataset.py"
+        ) from None
+    for line in text.splitlines():
         if not line.strip() or line.startswith("#"):
             continue
         rel, _, why = line.partition("\t")
@@ -309,18 +383,22 @@ def check_dataset(
 
     Raises DatasetError naming paths for: a missing root or split, a split without class folders,
     an empty class, train/val class mismatch, and (with on_bad_file="error") bad files. With
-    "skip", bad files (cheap sniff + the manifest, ROOT/bad_files.tsv by default) are left out
-    and listed in a warning. Classes are the sorted train folder names, labels their indices.
+    "skip", bad files (entries that are not files: broken symlinks, symlink loops, FIFOs,
+    subfolders; the cheap sniff; the manifest, ROOT/bad_files.tsv by default) are left out and
+    listed in a warning. Classes are the sorted train folder names, labels their indices.
     """
     root_path = Path(root)
     if not root_path.is_dir():
         raise DatasetError(f"dataset root not found: {root_path}")
-    splits = {split: list_split(root_path, split) for split in SPLITS}
+    scanned = {split: scan_split(root_path, split) for split in SPLITS}
+    splits = {split: classes for split, (classes, _) in scanned.items()}
+    # Entries of class folders that cannot be images (broken symlinks, FIFOs, ...): bad files.
+    odd = {rel: why for _, entries in scanned.values() for rel, why in entries.items()}
     empty = [
         str(root_path / split / cls)
         for split, classes in splits.items()
         for cls, files in classes.items()
-        if not files
+        if not files and not any(rel.startswith(f"{split}/{cls}/") for rel in odd)
     ]
     if empty:
         raise DatasetError("empty class folders:\n  " + "\n  ".join(empty))
@@ -340,7 +418,7 @@ def check_dataset(
         for cls in classes
         for e in splits[split][cls]
     ]
-    bad: dict[str, str] = {}
+    bad: dict[str, str] = dict(odd)
     if sniff:
         bad.update(cheap_check(root_path, entries, cache_dir))
     manifest = Path(bad_manifest) if bad_manifest else root_path / BAD_MANIFEST_NAME
@@ -366,9 +444,13 @@ def check_dataset(
     for split in SPLITS:
         if not samples[split]:
             raise DatasetError(f"no usable images left in {root_path / split}")
+
     # A class whose files are all bad would train (or be scored) with zero images.
+    def _entries_in(split: str, cls: str) -> int:
+        return len(splits[split][cls]) + sum(r.startswith(f"{split}/{cls}/") for r in odd)
+
     hollow = [
-        f"{root_path / split / cls} ({len(splits[split][cls])} file(s), none usable)"
+        f"{root_path / split / cls} ({_entries_in(split, cls)} file(s), none usable)"
         for split in SPLITS
         for cls in classes
         if not any(s.label == index[cls] for s in samples[split])

@@ -30,13 +30,25 @@ from powergrad.data.sampling import (
 )
 
 
-def load_rgb(path: str) -> torch.Tensor:
-    """Decode an image file to a uint8 3 x H x W RGB tensor.
+def _to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """16-bit samples to 8 bits as DALI's decoder does: round(v * 255 / 65535) = (v + 128) // 257
+    (exact: v / 257 is never halfway between two integers)."""
+    if image.dtype == torch.uint8:
+        return image
+    return ((image.to(torch.int32) + 128) // 257).to(torch.uint8)
 
-    torchvision.io first (libjpeg-turbo; grayscale and CMYK JPEGs are converted to RGB), PIL
-    only for other formats it cannot decode. A JPEG torchvision refuses is bad: it raises on
-    corrupt image data ("Image is incomplete or truncated") where PIL, like DALI, may return
-    garbage pixels, so falling back to PIL would hide the corruption.
+
+def load_rgb(path: str) -> torch.Tensor:
+    """Decode an image file to a uint8 3 x H x W RGB tensor, as DALI's decoder does.
+
+    torchvision.io first (libjpeg-turbo; grayscale and CMYK JPEGs are converted to RGB, alpha
+    dropped, palettes expanded), PIL only for other formats it cannot decode (BMP, TIFF).
+    16-bit images (PNG, TIFF) are scaled to 8 bits with DALI's rounding. The EXIF orientation
+    is ignored on both backends, as by the authors' PyTorch loader (torchvision's ImageFolder,
+    PIL: timm/data/ext_dataloaders.py of their fork) and timm's; DALI applies it by default. A
+    JPEG torchvision refuses is bad: it raises on corrupt image data ("Image is incomplete or
+    truncated") where PIL, like DALI, may return garbage pixels, so falling back to PIL would
+    hide the corruption.
     """
     with warnings.catch_warnings():
         # torchvision 0.29 deprecates its decoders in favour of TorchCodec and warns on every
@@ -44,13 +56,16 @@ def load_rgb(path: str) -> torch.Tensor:
         warnings.simplefilter("ignore", DeprecationWarning)
         data = read_file(path)
         try:
-            return decode_image(data, mode=ImageReadMode.RGB)
+            return _to_uint8(decode_image(data, mode=ImageReadMode.RGB))
         except RuntimeError:
             if bytes(data[:3].tolist()) == b"\xff\xd8\xff":
                 raise
     from PIL import Image
 
     with Image.open(path) as img:
+        if img.mode.startswith("I;16"):  # 16-bit grayscale: PIL's convert("RGB") would clip
+            gray = torch.from_numpy(np.asarray(img).astype(np.int32))
+            return _to_uint8(gray.expand(3, *gray.shape).contiguous())
         rgb = img.convert("RGB")
         return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
 
