@@ -47,13 +47,18 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def make_grad_scaler(
-    device: torch.device, precision: str, *, skip_nonfinite_steps: bool = False
+    device: torch.device,
+    precision: str,
+    *,
+    skip_nonfinite_steps: bool = False,
+    init_scale: float | None = None,
 ) -> torch.amp.GradScaler:
-    """fp16's dynamic loss scaling; or, with ``skip_nonfinite_steps`` in fp32 / bf16, a scaler
+    """fp16's dynamic loss scaling, starting at ``init_scale`` (None: torch's 2**16) with
+    torch's growth and backoff; or, with ``skip_nonfinite_steps`` in fp32 / bf16, a scaler
     whose only job is GradScaler's skip of steps with NaN/inf gradients (scale 1, halved at each
     skip: powers of two, so the unscaled gradients are the same numbers); else disabled."""
     if precision == "fp16":
-        return torch.amp.GradScaler(device.type)
+        return torch.amp.GradScaler(device.type, init_scale=init_scale or 2.0**16)
     return torch.amp.GradScaler(
         device.type, init_scale=1.0, growth_interval=2**30, enabled=skip_nonfinite_steps
     )
@@ -205,8 +210,11 @@ def train_one_epoch(
             with autocast(device, amp_dtype):
                 logits = model(images)
                 # The loss in fp32 whatever the autocast dtype: PGT's softmax(alpha z) and the
-                # logged cross-entropy need fp32's range.
-                loss = loss_fn(logits.float(), target)
+                # logged cross-entropy need fp32's range. A loss that must see the model's own
+                # output (the authors' hook reads the fp16 logits gradient, as in their fork)
+                # takes it as is and computes in fp32 itself.
+                z = logits if getattr(loss_fn, "on_model_output", False) else logits.float()
+                loss = loss_fn(z, target)
             scaler.scale(loss / accum_steps if accum_steps > 1 else loss).backward()
         meter.update(loss.detach(), logits.detach(), target)
         pending += 1
