@@ -5,6 +5,10 @@ The fork's code is in tests/fork_code.py, as they wrote it. fp16 autocast and Gr
 the CPU here (torch >= 2.3); CUDA's fp16 arithmetic can differ in the last bit of a sum.
 """
 
+import json
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -25,6 +29,7 @@ from powergrad.pgt import TruncatedPGTCrossEntropy, fork_fp16_logit_grad, pgt_pr
 
 register_configs()
 CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _fork_grad(z16, target, alpha, ls):
@@ -176,3 +181,18 @@ def test_the_scaler_starts_at_the_per_rank_batch_squared_for_the_hook():
     assert initial_loss_scale(hook, 256) == 2.0**16  # the fork's NativeScaler's first scale
     assert initial_loss_scale(compose_train("method=pgt").method, 256) is None
     assert make_grad_scaler(CPU, "fp16", init_scale=64.0**2).get_scale() == 4096.0
+
+
+def test_numerics_script_measures_the_forks_truncation(tmp_path):
+    """scripts/numerics.py on two logit scales: agreement at RMS 2, truncation at RMS 8."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "numerics.py"), "--out", str(tmp_path)]
+    cmd += ["--rms", "2,8", "--alphas", "0.05,1", "--batches", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "numerics.json").read_text())
+    by = {(p["rms"], p["alpha"]): p for p in result["points"]}
+    assert by[(2.0, 0.05)]["l1_median"] < 0.01 and by[(2.0, 0.05)]["underflow_fraction"] < 1e-3
+    assert by[(8.0, 0.05)]["l1_median"] > 1.0 and by[(8.0, 0.05)]["underflow_fraction"] > 0.5
+    assert by[(8.0, 1.0)]["l1_median"] < 1e-3  # at alpha 1 the lost classes carry ~nothing
+    assert (tmp_path / "numerics.png").stat().st_size > 0
+    assert "| 8 (" in (tmp_path / "README.md").read_text()
