@@ -50,3 +50,13 @@ class ForkLabelSmoothingCrossEntropy(nn.Module):
         q_new = (1.0 - self.d) * q + self.d / self.C
         loss = (-q_new * logp).sum(dim=-1)
         return loss.mean()
+
+
+def logit_statistics(output):
+    """The fork's logit statistics (fork timm/utils/logit_stats.py:4-15), per image, averaged."""
+    logit_norm = output.norm(dim=-1).mean()
+    logit_mean = output.mean(dim=-1).abs().mean()
+    logit_max = output.max(dim=-1)[0].abs().mean()
+    logit_var = output.var(dim=-1).mean()
+
+    return [logit_norm, logit_mean, logit_max, logit_var]
