@@ -486,7 +486,9 @@ class TruncatedPGTCrossEntropy(nn.Module):
     work; this one is ``method.impl=pgt_fp16_truncated``, to replicate the published rows.
 
     Class-index targets only (the fork had no soft targets); mean reduction. ``alpha = 0``
-    gives the uniform p' (unlike the fork's flag, where 0 meant off).
+    gives the uniform p' (unlike the fork's flag, where 0 meant off). Like the fork's hook, it
+    gives NaN where fp16 rounding makes a recovered p negative: with label smoothing at some N
+    that are not powers of two (12, 24, 48, ...; docs/fork_evidence.md), never at N = 256.
 
     Args:
         alpha: PGT exponent in [0, 1].

@@ -39,24 +39,26 @@ def _fork_grad(z16, target, alpha, ls):
     x = z16.clone().requires_grad_()
     args = SimpleNamespace(num_classes=c, smoothing=ls, modify_softmax=alpha)
     x.register_hook(fork_power_grad(target, args))
-    loss_fn = (
-        ForkLabelSmoothingCrossEntropy(ls, num_classes=c) if ls else torch.nn.CrossEntropyLoss()
-    )
+    if ls:
+        loss_fn = ForkLabelSmoothingCrossEntropy(ls, num_classes=c, device=z16.device)
+    else:
+        loss_fn = torch.nn.CrossEntropyLoss()
     (loss_fn(x.float(), target) * float(n * n)).backward()
     return x.grad
 
 
-def test_authors_hook_through_the_engine_sees_the_forks_fp16_gradient():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_authors_hook_through_the_engine_sees_the_forks_fp16_gradient(device):
     """train_one_epoch under fp16 autocast with method.impl=authors_hook (label smoothing on, as
     in Table 3): at every step the hook receives the fp16 logits gradient at the scaler's scale
     N^2 and returns exactly what the fork's power_grad returns for that fp16 tensor.
     (test_pgt.py compares the loss module with the fork's without smoothing too.)"""
     n, classes, alpha, ls = 8, 10, 0.25, 0.1
+    device = torch.device(device)
     method = compose_train(
         "method=pgt", f"method.alpha={alpha}", f"method.label_smoothing={ls}",
         "method.impl=authors_hook",
     ).method  # fmt: skip
-    loss_fn = build_loss(method)
     data = DataConfig(
         name="synthetic",
         num_classes=classes,
@@ -64,13 +66,14 @@ def test_authors_hook_through_the_engine_sees_the_forks_fp16_gradient():
         synthetic_train_images=2 * n,
         synthetic_val_images=n,
     )
-    loaders = build_loaders(data, LoaderConfig(backend="torch", workers=0), Shard(n, device=CPU))
+    shard = Shard(n, device=device)
+    loaders = build_loaders(data, LoaderConfig(backend="torch", workers=0), shard)
     torch.manual_seed(0)
-    model = build_model("resnet18_nonorm", classes)
+    model = build_model("resnet18_nonorm", classes).to(device)
     seen = []
 
     def record(module, inputs, logits):
-        step = {"target": None, "logits": logits.detach().clone()}
+        step = {"logits": logits.detach().clone()}
         logits.register_hook(lambda g: step.update(incoming=g.clone()))  # runs before the loss's
         seen.append(step)
 
@@ -79,31 +82,26 @@ def test_authors_hook_through_the_engine_sees_the_forks_fp16_gradient():
         lambda module, grad_in, grad_out: seen[-1].update(outgoing=grad_out[0].clone())
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    scaler = make_grad_scaler(CPU, "fp16", init_scale=initial_loss_scale(method, n))
+    scaler = make_grad_scaler(device, "fp16", init_scale=initial_loss_scale(method, n))
     sched = build_scheduler(
         optimizer, compose_train().sched, epochs=1, warmup_epochs=0, iters_per_epoch=2
     )
     targets = [t for _, t in loaders.train.epoch(0)]
     steps = train_one_epoch(
-        model, loaders.train, loss_fn, optimizer, scaler, sched, lambda: None, EpochMeter(CPU),
-        TrainState(), amp_dtype=torch.float16, channels_last=False,
+        model, loaders.train, build_loss(method), optimizer, scaler, sched, lambda: None,
+        EpochMeter(device), TrainState(), amp_dtype=torch.float16, channels_last=False,
     )  # fmt: skip
+    args = SimpleNamespace(num_classes=classes, smoothing=ls, modify_softmax=alpha)
     for i, _ in enumerate(steps):
         step, target = seen[i], targets[i]
         assert step["logits"].dtype == step["incoming"].dtype == torch.float16
         # What the fork's hook received: its fp32 loss gradient at scale N^2, rounded to fp16.
-        expected_in = torch.empty_like(step["incoming"])
-        fork_grad = _fork_grad(step["logits"], target, alpha, ls)  # also checks the fork's
         x = step["logits"].float().requires_grad_()
-        loss = ForkLabelSmoothingCrossEntropy(ls, num_classes=classes)(x, target) if ls else (
-            F.cross_entropy(x, target)
-        )  # fmt: skip
-        (loss * float(n * n)).backward()
-        expected_in.copy_(x.grad)
-        assert torch.equal(step["incoming"], expected_in)
-        args = SimpleNamespace(num_classes=classes, smoothing=ls, modify_softmax=alpha)
+        fork_loss = ForkLabelSmoothingCrossEntropy(ls, num_classes=classes, device=device)
+        (fork_loss(x, target) * float(n * n)).backward()
+        assert torch.equal(step["incoming"], x.grad.half())
         assert torch.equal(step["outgoing"], fork_power_grad(target, args)(step["incoming"]))
-        assert torch.equal(step["outgoing"], fork_grad)
+        assert torch.equal(step["outgoing"], _fork_grad(step["logits"], target, alpha, ls))
     assert len(seen) == 2 and scaler.get_scale() == n * n
 
 
