@@ -55,7 +55,13 @@ from powergrad.engine import (
     train_one_epoch,
 )
 from powergrad.fileio import DiskFullError
-from powergrad.method import build_clipper, build_loss, method_label, method_tags
+from powergrad.method import (
+    build_clipper,
+    build_loss,
+    initial_loss_scale,
+    method_label,
+    method_tags,
+)
 from powergrad.models import build_model, pretrained_file
 from powergrad.optim import build_optimizer, build_scheduler
 from powergrad.preemption import MARKER, Preempted, PreemptionWatcher, exit_for_requeue
@@ -174,7 +180,12 @@ def run(
         # Own random streams per rank from here on (dropout masks, ...); the weights above were
         # drawn with cfg.seed on every rank (DDP broadcasts rank 0's anyway).
         checkpoint.seed_everything(cfg.seed, rank=dist.rank)
-    scaler = make_grad_scaler(device, t.precision, skip_nonfinite_steps=t.skip_nonfinite_steps)
+    scaler = make_grad_scaler(
+        device,
+        t.precision,
+        skip_nonfinite_steps=t.skip_nonfinite_steps,
+        init_scale=initial_loss_scale(cfg.method, shard.batch_size),  # the authors' hook: N^2
+    )
     optimizer = build_optimizer(
         model,
         global_batch=t.batch_size,

@@ -105,8 +105,9 @@ class MethodConfig:
     # GC: max global L2 norm; AGC: clip factor lambda (ratio); unused (null) without clipping.
     clip_threshold: float | None = None
     # The backward transform (powergrad.pgt.TRANSFORMS): exact (PGT's softmax(alpha z) - q in
-    # fp32, any loss scale) or authors_hook (the fork's tensor hook: exact only at an AMP loss
-    # scale of N^2, N the per-GPU batch; reproduces the released code bit for bit).
+    # fp32, any loss scale; the default), authors_hook (the fork's tensor hook on the fp16
+    # logits, fp16 AMP only, the scaler started at N^2, N the per-GPU batch: the released code's
+    # numerics) or pgt_fp16_truncated (the p' that hook computed, at any precision).
     impl: str = "exact"
 
 
@@ -461,6 +462,23 @@ def _check_method(method: DictConfig) -> None:
         )
 
 
+def _check_authors_hook(t: DictConfig) -> None:
+    """The authors' hook is right only where it sees what the fork's did: the fp16 gradient of
+    the logits at loss scale N**2 (train.py starts the scaler there; powergrad.method)."""
+    if t.precision != "fp16":
+        raise ConfigError(
+            f"method.impl=authors_hook with trainer.precision={t.precision}: the hook recovers p "
+            "assuming fp16 AMP at loss scale N^2 (here the scale is 1); use trainer.precision="
+            "fp16, or method.impl=pgt_fp16_truncated for the fork's fp16 PGT at any precision"
+        )
+    if t.accum_steps != 1:
+        raise ConfigError(
+            f"method.impl=authors_hook with trainer.accum_steps={t.accum_steps}: each micro-batch's "
+            "loss is divided by accum_steps, so the hook would see scale N^2 / accum_steps; use "
+            "trainer.accum_steps=1 (the fork had no accumulation)"
+        )
+
+
 def flat(node: Any, prefix: str = "") -> dict[str, Any]:
     """A nested dict as ``{"dotted.key": leaf}`` (lists are leaves)."""
     if isinstance(node, dict):
@@ -535,6 +553,8 @@ def validate_train(cfg: DictConfig, world_size: int | None = None) -> None:
 
         wandb_mode(cfg.logger.mode)  # online without credentials: refused here, before any work
     t = cfg.trainer
+    if cfg.method.impl == "authors_hook":
+        _check_authors_hook(t)
     _check_precision(t.precision, t.device)
     if not (t.threads in ("auto", None) or (isinstance(t.threads, int) and t.threads >= 1)):
         raise ConfigError(f"trainer.threads={t.threads!r}: must be auto, null or an int >= 1")

@@ -19,7 +19,7 @@ from torch import nn
 
 from powergrad import distributed as pgdist
 from powergrad.checkpoint import NonFiniteError, TrainState
-from powergrad.diagnostics import LogitStats
+from powergrad.diagnostics import FeatureStats, LogitStats, pooled_features
 from powergrad.models import unwrap_model
 
 __all__ = [
@@ -48,13 +48,18 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def make_grad_scaler(
-    device: torch.device, precision: str, *, skip_nonfinite_steps: bool = False
+    device: torch.device,
+    precision: str,
+    *,
+    skip_nonfinite_steps: bool = False,
+    init_scale: float | None = None,
 ) -> torch.amp.GradScaler:
-    """fp16's dynamic loss scaling; or, with ``skip_nonfinite_steps`` in fp32 / bf16, a scaler
+    """fp16's dynamic loss scaling, starting at ``init_scale`` (None: torch's 2**16) with
+    torch's growth and backoff; or, with ``skip_nonfinite_steps`` in fp32 / bf16, a scaler
     whose only job is GradScaler's skip of steps with NaN/inf gradients (scale 1, halved at each
     skip: powers of two, so the unscaled gradients are the same numbers); else disabled."""
     if precision == "fp16":
-        return torch.amp.GradScaler(device.type)
+        return torch.amp.GradScaler(device.type, init_scale=init_scale or 2.0**16)
     return torch.amp.GradScaler(
         device.type, init_scale=1.0, growth_interval=2**30, enabled=skip_nonfinite_steps
     )
@@ -76,11 +81,13 @@ def build_mixup(
 
 
 class EpochMeter:
-    """Per-epoch training sums on the device: loss (finite only), correct, samples, non-finite."""
+    """Per-epoch training sums on the device: loss (finite only), correct, samples, non-finite;
+    logit statistics; pooled-feature statistics (fed by :func:`train_one_epoch`'s hook)."""
 
     def __init__(self, device: torch.device) -> None:
         self.sums = torch.zeros(4, dtype=torch.float64, device=device)
         self.logits = LogitStats(device)
+        self.features = FeatureStats(device)
 
     @torch.no_grad()
     def update(self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> None:
@@ -109,21 +116,38 @@ class EpochMeter:
 
     def reduced_state(self) -> dict[str, Any]:
         """Sums over all ranks as CPU tensors (a collective: every rank must call it)."""
+        device = self.sums.device
         sums = pgdist.all_reduce_sum(self.sums.clone())
-        logit = self.logits.state_dict()
-        return {
+        logit, feature = self.logits.state_dict(), self.features.state_dict()
+        state = {
             "sums": sums.cpu(),
-            "logit_sums": pgdist.all_reduce_sum(logit["sums"].to(self.sums.device)).cpu(),
-            "logit_max": pgdist.all_reduce_max(logit["max"].to(self.sums.device)).cpu(),
+            "logit_sums": pgdist.all_reduce_sum(logit["sums"].to(device)).cpu(),
+            "logit_max": pgdist.all_reduce_max(logit["max"].to(device)).cpu(),
+            "logit_per_image": pgdist.all_reduce_sum(logit["per_image"].to(device)).cpu(),
+            "feature_sums": pgdist.all_reduce_sum(feature["sums"].to(device)).cpu(),
         }
+        channel_max = self.features.channel_max_all_ranks()
+        if channel_max is not None:
+            state["feature_channel_max"] = channel_max.cpu()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from :meth:`reduced_state` (load on rank 0 only; others start at zero)."""
+        """Continue from :meth:`reduced_state` (load on rank 0 only; others start at zero).
+        A checkpoint written before the per-image and feature sums existed leaves them at zero."""
         self.sums.copy_(state["sums"])
-        self.logits.load_state_dict({"sums": state["logit_sums"], "max": state["logit_max"]})
+        logit = {"sums": state["logit_sums"], "max": state["logit_max"]}
+        if "logit_per_image" in state:
+            logit["per_image"] = state["logit_per_image"]
+        self.logits.load_state_dict(logit)
+        if "feature_sums" in state:
+            feature = {"sums": state["feature_sums"]}
+            if "feature_channel_max" in state:
+                feature["channel_max"] = state["feature_channel_max"]
+            self.features.load_state_dict(feature)
 
     def compute(self) -> dict[str, float]:
-        """Epoch metrics over all ranks: train_loss, train_top1 (%), train_logit_*, counts."""
+        """Epoch metrics over all ranks: train_loss, train_top1 (%), train_logit_*,
+        train_feature_*, counts."""
         loss_sum, correct, samples, nonfinite = pgdist.all_reduce_sum(self.sums.clone()).tolist()
         finite = samples - nonfinite
         out = {
@@ -133,6 +157,7 @@ class EpochMeter:
             "nonfinite_losses": int(nonfinite),
         }
         out.update({f"train_{k}": v for k, v in self.logits.compute().items()})
+        out.update({f"train_{k}": v for k, v in self.features.compute().items()})
         return out
 
 
@@ -192,40 +217,46 @@ def train_one_epoch(
     no_sync = getattr(model, "no_sync", None)  # DDP (also through torch.compile)
     bare = unwrap_model(model)
     pending, loss_sum = 0, None  # micro-batches of the current group, their summed loss
-    for images, target in loader.epoch(state.epoch, start_batch=state.batch):
-        if state.batch + pending >= end:
-            continue  # the partial group at the epoch's end (read to let the loader finish)
-        last = pending + 1 == accum_steps
-        if mixup is not None:
-            images, target = mixup(images, target)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        if pending == 0:
-            optimizer.zero_grad(set_to_none=True)
-        with contextlib.nullcontext() if last or no_sync is None else no_sync():
-            with autocast(device, amp_dtype):
-                logits = model(images)
-                # The loss in fp32 whatever the autocast dtype: PGT's softmax(alpha z) and the
-                # logged cross-entropy need fp32's range.
-                loss = loss_fn(logits.float(), target)
-            scaler.scale(loss / accum_steps if accum_steps > 1 else loss).backward()
-        meter.update(loss.detach(), logits.detach(), target)
-        pending += 1
-        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-        if not last:
-            continue
-        scaler.unscale_(optimizer)
-        clip()
-        scaler.step(optimizer)
-        scaler.update()
-        state.step += 1
-        state.batch += accum_steps
-        scheduler.step_update(num_updates=state.step)
-        if ema is not None:
-            ema.update(bare, step=state.step)
-        step_loss = loss_sum / accum_steps if accum_steps > 1 else loss_sum
-        pending, loss_sum = 0, None
-        yield step_loss
+    # The pooled features (Fig. 4c/f) of every forward, while this epoch trains.
+    with pooled_features(model, meter.features):
+        for images, target in loader.epoch(state.epoch, start_batch=state.batch):
+            if state.batch + pending >= end:
+                continue  # the partial group at the epoch's end (read for the loader's sake)
+            last = pending + 1 == accum_steps
+            if mixup is not None:
+                images, target = mixup(images, target)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            if pending == 0:
+                optimizer.zero_grad(set_to_none=True)
+            with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                with autocast(device, amp_dtype):
+                    logits = model(images)
+                    # The loss in fp32 whatever the autocast dtype: PGT's softmax(alpha z)
+                    # and the logged cross-entropy need fp32's range. A loss that must see the
+                    # model's own output (the authors' hook reads the fp16 logits gradient, as
+                    # in their fork) takes it as is and computes in fp32 itself.
+                    on_output = getattr(loss_fn, "on_model_output", False)
+                    z = logits if on_output else logits.float()
+                    loss = loss_fn(z, target)
+                scaler.scale(loss / accum_steps if accum_steps > 1 else loss).backward()
+            meter.update(loss.detach(), logits.detach(), target)
+            pending += 1
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+            if not last:
+                continue
+            scaler.unscale_(optimizer)
+            clip()
+            scaler.step(optimizer)
+            scaler.update()
+            state.step += 1
+            state.batch += accum_steps
+            scheduler.step_update(num_updates=state.step)
+            if ema is not None:
+                ema.update(bare, step=state.step)
+            step_loss = loss_sum / accum_steps if accum_steps > 1 else loss_sum
+            pending, loss_sum = 0, None
+            yield step_loss
 
 
 @torch.no_grad()
@@ -260,7 +291,8 @@ def evaluate(
     channels_last: bool = False,
     pad_last_batch: bool = False,
 ) -> dict[str, float]:
-    """Loss (plain CE), top-1 / top-5 (%) and logit statistics over the whole val split.
+    """Loss (plain CE), top-1 / top-5 (%), logit and pooled-feature statistics over the whole
+    val split.
 
     Every rank evaluates its shard; sums are all-reduced, so each image counts exactly once.
 
@@ -272,29 +304,33 @@ def evaluate(
     """
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, images
-    stats = LogitStats(device)
+    stats, features = LogitStats(device), FeatureStats(device)
     full = None  # the first batch's size: the shape the model is compiled for
-    for images, target in loader:
-        n = target.shape[0]
-        full = full or n
-        if pad_last_batch and n < full:
-            images = torch.cat([images, images.new_zeros((full - n, *images.shape[1:]))])
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp_dtype):
-            logits = model(images)
-        logits = logits[:n].float()
-        k = min(5, logits.shape[1])
-        hits = logits.topk(k, dim=1).indices == target[:, None]
-        sums += torch.stack(
-            [
-                F.cross_entropy(logits, target, reduction="sum").double(),
-                hits[:, 0].sum().double(),
-                hits.any(dim=1).sum().double(),
-                torch.full((), target.shape[0], dtype=sums.dtype, device=device),  # no H2D sync
-            ]
-        )
-        stats.update(logits)
+    # (Padding is for compiled models, which pooled_features leaves unhooked: the zero rows
+    # never reach the feature statistics.)
+    with pooled_features(model, features):
+        for images, target in loader:
+            n = target.shape[0]
+            full = full or n
+            if pad_last_batch and n < full:
+                images = torch.cat([images, images.new_zeros((full - n, *images.shape[1:]))])
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(device, amp_dtype):
+                logits = model(images)
+            logits = logits[:n].float()
+            k = min(5, logits.shape[1])
+            hits = logits.topk(k, dim=1).indices == target[:, None]
+            sums += torch.stack(
+                [
+                    F.cross_entropy(logits, target, reduction="sum").double(),
+                    hits[:, 0].sum().double(),
+                    hits.any(dim=1).sum().double(),
+                    # Filled on the device: no H2D sync.
+                    torch.full((), target.shape[0], dtype=sums.dtype, device=device),
+                ]
+            )
+            stats.update(logits)
     loss, top1, top5, n = pgdist.all_reduce_sum(sums).tolist()
     nan = float("nan")
     return {
@@ -303,4 +339,5 @@ def evaluate(
         "top5": 100.0 * top5 / n if n else nan,
         "images": int(n),
         **stats.compute(),
+        **features.compute(),
     }

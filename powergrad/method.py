@@ -12,7 +12,7 @@ from torch import nn
 from powergrad.clip import GradClipper
 from powergrad.pgt import TRANSFORM_LABELS, TRANSFORMS
 
-__all__ = ["build_clipper", "build_loss", "method_label", "method_tags"]
+__all__ = ["build_clipper", "build_loss", "initial_loss_scale", "method_label", "method_tags"]
 
 # The paper's names for the clipping modes (Table 2's "GC" and "AGC").
 _CLIP_LABELS = {"none": "", "norm": "gc", "agc": "agc"}
@@ -32,6 +32,19 @@ def build_loss(method) -> nn.Module:
     if method.alpha is None:
         return nn.CrossEntropyLoss(label_smoothing=method.label_smoothing)
     return TRANSFORMS[method.impl](method.alpha, method.label_smoothing)
+
+
+def initial_loss_scale(method, rank_batch: int) -> float | None:
+    """fp16 GradScaler's starting scale the method needs, or None for torch's default (2**16).
+
+    The authors' hook recovers p from the gradient assuming the loss scale is N**2, N the
+    per-rank loader batch (``rank_batch``): the scaler starts there and then grows and backs
+    off as torch's default, as the fork's NativeScaler did (fork train.py:172-174; timm 0.4.12
+    utils/cuda.py:39-49: ``torch.cuda.amp.GradScaler()``, x2 after 2000 unskipped steps). With
+    256 images per rank that is the fork's scaler exactly: each growth to 2 N**2 makes the hook
+    return NaN, that step is skipped and the scale halves back to N**2.
+    """
+    return float(rank_batch) ** 2 if method.impl == "authors_hook" else None
 
 
 def build_clipper(method, model: nn.Module) -> GradClipper:

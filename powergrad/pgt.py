@@ -12,8 +12,11 @@ loss scale, batch size, reduction and precision. It is purely local math on each
 logits, so under DDP every rank computes the exact PGT gradient of its own mean loss and DDP's
 gradient averaging then behaves exactly as for the ordinary cross-entropy.
 
-:class:`AuthorsHookCrossEntropy` is the authors' implementation instead, reproduced bit for bit
-as an opt-in, to replicate their numerics (including its dependence on the AMP loss scale).
+Two opt-ins replicate what the authors' code computed instead (docs/fork_evidence.md):
+:class:`AuthorsHookCrossEntropy` is their tensor hook itself, which needs their fp16 AMP setting
+(loss scale N**2) to be right; :class:`TruncatedPGTCrossEntropy` is the transform that hook
+computed there, at any precision: fp16 rounds every class whose ``p`` is below ~3e-8 to 0 and
+gives it ``p' = 0`` (the exact transform gives it ``p**alpha``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ __all__ = [
     "TRANSFORM_LABELS",
     "AuthorsHookCrossEntropy",
     "PowerGradCrossEntropy",
+    "TruncatedPGTCrossEntropy",
     "authors_pgt_hook",
+    "fork_fp16_logit_grad",
     "pgt_cross_entropy",
     "pgt_probs",
     "register_transform",
@@ -310,36 +315,47 @@ def authors_pgt_hook(
     return g * n
 
 
-def _timm_label_smoothing_cross_entropy(
+def _fork_label_smoothing_cross_entropy(
     logits: torch.Tensor, target: torch.Tensor, smoothing: float
 ) -> torch.Tensor:
-    """timm 0.4's ``LabelSmoothingCrossEntropy`` (the fork's loss under ``--smoothing``).
+    """The fork's own ``LabelSmoothingCrossEntropy`` (its loss under ``--smoothing``), as written.
 
-    Mathematically F.cross_entropy(..., label_smoothing=smoothing); kept as timm wrote it
-    because the authors' hook reads the rounding of this loss's own backward.
+    The fork rewrote timm's class (fork timm/loss/cross_entropy.py:6-27): ``q = (1 - d) *
+    one_hot + d / C`` and ``loss = sum(-q * log_softmax(x))``, mean over the batch. That is
+    F.cross_entropy(..., label_smoothing=d) and upstream timm 0.4.12's (1 - d) * nll + d *
+    mean(-logp) in exact arithmetic; kept as the fork wrote it because the hook reads the
+    rounding of this loss's backward. The fork fixes C = 1000 (:19, ImageNet only); here C is
+    the logits' class count.
     """
-    logprobs = F.log_softmax(logits, dim=-1)
-    nll_loss = -logprobs.gather(dim=-1, index=target.unsqueeze(1))
-    nll_loss = nll_loss.squeeze(1)
-    smooth_loss = -logprobs.mean(dim=-1)
-    loss = (1.0 - smoothing) * nll_loss + smoothing * smooth_loss
-    return loss.mean()
+    logp = F.log_softmax(logits, dim=-1)
+    q = F.one_hot(target, num_classes=logits.shape[-1])
+    d = torch.full((1,), smoothing, device=logits.device)  # the fork's fp32 tensor (:18)
+    q_new = (1.0 - d) * q + d / logits.shape[-1]
+    return (-q_new * logp).sum(dim=-1).mean()
 
 
 class AuthorsHookCrossEntropy(nn.Module):
     """The authors' PGT as they ran it: ordinary cross-entropy plus their hook on the logits.
 
     An opt-in for replicating the released numerics; :class:`PowerGradCrossEntropy` is the
-    formula itself. ``forward`` returns the fork's training loss (``nn.CrossEntropyLoss()``, or
-    timm 0.4's ``LabelSmoothingCrossEntropy`` when ``label_smoothing > 0``; mean over the
-    batch) and, when ``alpha`` is nonzero and the logits require grad, registers
-    :func:`authors_pgt_hook` on the logits.
+    formula itself. ``forward`` registers :func:`authors_pgt_hook` on the logits it is given
+    (when ``alpha`` is nonzero and they require grad) and returns the fork's training loss in
+    fp32 (``nn.CrossEntropyLoss()``, or the fork's ``LabelSmoothingCrossEntropy`` when
+    ``label_smoothing > 0``; mean over the batch), computed from ``logits.float()`` as the
+    fork's autocast computed it.
 
-    The gradient it produces is PGT's ``(softmax(alpha * z) - q) / N`` (times the loss scale)
-    only when the backward starts from ``loss * S`` with ``S == N**2``, N being the rows of
-    these logits (the per-rank batch under DDP). Use it with fp16 AMP whose GradScaler sits at
-    N**2 (N = 256 gives torch's default initial scale 2**16); in fp32 or bf16 (S = 1) it is
-    far from PGT, and at S = 2 N**2 it returns NaN.
+    As in the fork, the logits must be the model's own output: under fp16 autocast they are
+    fp16, and the hook then sees fp16(S * (p - q) / N), the fp32 loss gradient rounded to fp16,
+    and computes in fp16 (fork timm/models/resnet.py:831-844, registered on ``self.fc``'s
+    output in ``ResNet.forward``; the loss is taken under the same autocast, fork
+    train.py:483-485). ``on_model_output`` tells the trainer to pass the model's output as is
+    instead of its fp32 copy (powergrad.engine.train_one_epoch).
+
+    The gradient is PGT's only when the loss scale S equals N**2, N being the rows of these
+    logits (the per-rank batch under DDP): trainer.precision=fp16 with the GradScaler started
+    at N**2 (train.py does so for this transform; N = 256 gives torch's default 2**16, the
+    fork's NativeScaler). In fp32 or bf16 (S = 1) it is far from PGT and config validation
+    refuses it; at S = 2 N**2 it returns NaN, which the scaler skips.
 
     As in the fork, ``alpha == 0`` registers no hook (their ``if args.modify_softmax:`` treats
     0.0 as "off"), so it is the ordinary cross-entropy, not PGT's uniform limit. Class-index
@@ -352,13 +368,16 @@ class AuthorsHookCrossEntropy(nn.Module):
             hook's ``q``, as the fork did.
     """
 
+    on_model_output = True
+
     def __init__(self, alpha: float, label_smoothing: float = 0.0):
         super().__init__()
         self.alpha = check_alpha(alpha)
         self.label_smoothing = _check_label_smoothing(label_smoothing)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of (N, C) logits against (N,) class indices; hooks the logits."""
+        """Mean cross-entropy (fp32) of (N, C) logits against (N,) class indices; hooks the
+        logits themselves, in their own dtype."""
         if self.alpha and logits.requires_grad:
             logits.register_hook(
                 functools.partial(
@@ -368,9 +387,124 @@ class AuthorsHookCrossEntropy(nn.Module):
                     label_smoothing=self.label_smoothing,
                 )
             )
+        z = logits.float()
         if self.label_smoothing:
-            return _timm_label_smoothing_cross_entropy(logits, target, self.label_smoothing)
-        return F.cross_entropy(logits, target)
+            return _fork_label_smoothing_cross_entropy(z, target, self.label_smoothing)
+        return F.cross_entropy(z, target)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, label_smoothing={self.label_smoothing}"
+
+
+def _fork_incoming_grad(logp: torch.Tensor, target: torch.Tensor, ls: float) -> torch.Tensor:
+    """fp16 gradient the fork's hook receives at loss scale N**2, from fp32 log-probabilities.
+
+    The fork's loss backward (dL/dlogp = -s q with s = S / N = N: nn.CrossEntropyLoss's, or
+    with smoothing its own LabelSmoothingCrossEntropy's q = (1 - d) one_hot + d / C in fp32),
+    then log_softmax's backward, then the rounding to fp16 that autocast's fp32 loss puts
+    between the loss and the fp16 logits.
+    """
+    n, c = logp.shape
+    if ls > 0.0:
+        d = torch.full((1,), ls, device=logp.device)
+        grad_logp = ((1.0 - d) * F.one_hot(target, c) + d / c).mul_(-n)
+    else:
+        grad_logp = torch.zeros_like(logp)
+        grad_logp[torch.arange(n, device=logp.device), target] = -float(n)
+    grad = torch._log_softmax_backward_data(grad_logp, logp, 1, torch.float32)
+    return grad.to(torch.float16)
+
+
+def fork_fp16_logit_grad(
+    logits: torch.Tensor, target: torch.Tensor, alpha: float, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """What the authors' hook returns in their fp16 AMP training, computed from any logits.
+
+    Emulates the fork at its steady loss scale S = N**2 (N = rows of ``logits``): the fp32
+    cross-entropy gradient ``S (p - q) / N`` rounded to fp16 goes through
+    :func:`authors_pgt_hook` in fp16. The result, ``(p'_fp16 - q) * N`` in fp16, is the fork's
+    logits gradient at S = N**2 bit for bit when ``logits`` hold the same values as the fork's
+    fp16 logits (tests/test_fork_numerics.py); ``out / N + q`` is the p' the fork trained with.
+
+    Args:
+        logits: (N, C) floating; used in fp32, as the fork's autocast loss used its logits.
+        target: (N,) integer class indices.
+        alpha: PGT exponent in [0, 1].
+        label_smoothing: in [0, 1); q = (1 - ls) one_hot + ls / C, as in the fork.
+
+    Returns:
+        (N, C) fp16 tensor.
+    """
+    alpha = check_alpha(alpha)
+    label_smoothing = _check_label_smoothing(label_smoothing)
+    _check_shapes(logits, target)
+    target = target.long()
+    logp = torch.log_softmax(logits, dim=1, dtype=torch.float32)
+    incoming = _fork_incoming_grad(logp, target, label_smoothing)
+    return authors_pgt_hook(incoming, target, alpha, label_smoothing)
+
+
+class _TruncatedPGTCrossEntropy(torch.autograd.Function):
+    """Ordinary cross-entropy forward (fp32); backward: the fork's fp16 PGT at S = N**2."""
+
+    @staticmethod
+    def forward(ctx, logits, target, alpha, label_smoothing):
+        logp = torch.log_softmax(logits, dim=1, dtype=torch.float32)
+        loss = F.nll_loss(logp, target)
+        if label_smoothing > 0.0:
+            loss = (1.0 - label_smoothing) * loss + (-logp.sum(dim=1)).mean() * (
+                label_smoothing / logp.shape[1]
+            )
+        ctx.save_for_backward(logp, target)
+        ctx.alpha, ctx.label_smoothing, ctx.logits_dtype = alpha, label_smoothing, logits.dtype
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        logp, target = ctx.saved_tensors
+        n = logp.shape[0]
+        incoming = _fork_incoming_grad(logp, target, ctx.label_smoothing)
+        hooked = authors_pgt_hook(incoming, target, ctx.alpha, ctx.label_smoothing)
+        # hooked = (p' - q) * N; the mean loss's gradient is (p' - q) / N times grad_output.
+        grad = hooked.float().mul_(grad_output.float() / (n * n))
+        return grad.to(ctx.logits_dtype), None, None, None
+
+
+class TruncatedPGTCrossEntropy(nn.Module):
+    """PGT as the authors' fp16 training computed it, usable at any precision (replication only).
+
+    Forward: the ordinary cross-entropy in fp32, as :class:`PowerGradCrossEntropy`. Backward:
+    :func:`fork_fp16_logit_grad` divided by N**2 and times the incoming gradient, i.e. the
+    fork's logits gradient at its steady loss scale N**2 (N = rows of the logits), whatever
+    this run's own precision and loss scale. Every class whose p rounds to 0 in the hook's
+    fp16 (p below ~3e-8 for N = 256) gets p' = 0, and every p is rounded to fp16 before the
+    power; at the paper's logit norms that changes p' a lot at small alpha
+    (results/numerics/README.md). Exact PGT (``method.impl=exact``) is the default for new
+    work; this one is ``method.impl=pgt_fp16_truncated``, to replicate the published rows.
+
+    Class-index targets only (the fork had no soft targets); mean reduction. ``alpha = 0``
+    gives the uniform p' (unlike the fork's flag, where 0 meant off). Like the fork's hook, it
+    gives NaN where fp16 rounding makes a recovered p negative: with label smoothing at some N
+    that are not powers of two (12, 24, 48, ...; docs/fork_evidence.md), never at N = 256.
+
+    Args:
+        alpha: PGT exponent in [0, 1].
+        label_smoothing: in [0, 1); smooths the loss and the hook's q, as the fork did.
+    """
+
+    def __init__(self, alpha: float, label_smoothing: float = 0.0):
+        super().__init__()
+        self.alpha = check_alpha(alpha)
+        self.label_smoothing = _check_label_smoothing(label_smoothing)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of (N, C) logits against (N,) class indices; truncated PGT grad."""
+        return _TruncatedPGTCrossEntropy.apply(
+            logits, target.long(), self.alpha, self.label_smoothing
+        )
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, label_smoothing={self.label_smoothing}"
@@ -399,6 +533,7 @@ def register_transform(name: str, label: str | None = None):
 
 register_transform("exact", label="pgt")(PowerGradCrossEntropy)
 register_transform("authors_hook", label="pgt")(AuthorsHookCrossEntropy)
+register_transform("pgt_fp16_truncated", label="pgt")(TruncatedPGTCrossEntropy)
 
 
 def pgt_probs(logits: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -36,6 +36,7 @@ __all__ = [
     "README_START",
     "SWEEPS",
     "V100_IMAGES_PER_S",
+    "experiment_budget",
     "gpu_hours",
     "paper_figures",
     "paper_tables",
@@ -244,6 +245,25 @@ def readme_rows(paper: dict[str, Any], runs: list[dict[str, Any]], dataset: str)
         if not shared:
             seen_cost += hours
         out.append(f"| {label} | {cmd} | {row['train']:g} / {row['test']:g} | {status} | {cost} |")
+    # Experiments that test a claim rather than a table row (Fig. 3c's 60-epoch run).
+    row_experiments = {row["experiment"] for _, row in paper_rows(paper)}
+    for claim in paper.get("claims", []):
+        for exp in claim.get("experiments", []):
+            if exp in row_experiments:
+                continue
+            model, epochs = experiment_budget(exp)
+            hours = gpu_hours(model, epochs)
+            seen_cost += hours
+            mine = groups.get(exp, [])
+            status = (
+                f"- / {fmt_ms(summary_stat(mine, 'val_top1'))} (final epoch)" if mine else NOT_RUN
+            )
+            test = f"- / {claim['test_top1']:g}" if "test_top1" in claim else "(claim)"
+            out.append(
+                f"| claim {claim['id']}: {MODEL_NAMES[model]}, {epochs} epochs | "
+                f"`torchrun --nproc_per_node=4 train.py experiment={exp} data.root=DIR` | "
+                f"{test} | {status} | {hours:.0f} |"
+            )
     sweep_cost = 0.0
     for name, sweep in SWEEPS.items():
         grid = sweep_grid(name)
@@ -276,6 +296,13 @@ def readme_rows(paper: dict[str, Any], runs: list[dict[str, Any]], dataset: str)
         "`model=` for the other rows.",
     ]
     return "\n".join(out) + "\n"
+
+
+def experiment_budget(name: str) -> tuple[str, int]:
+    """(model, epochs) of configs/experiment/<name>.yaml (the paper's 100 epochs unless set)."""
+    cfg = yaml.safe_load((CONFIGS / "experiment" / f"{name}.yaml").read_text())
+    model = next(d["override /model"] for d in cfg["defaults"] if "override /model" in d)
+    return model, cfg.get("trainer", {}).get("epochs", 100)
 
 
 def sweep_grid(name: str) -> list[float]:

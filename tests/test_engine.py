@@ -111,8 +111,11 @@ def test_fit_learns_and_writes_records_checkpoints_and_filter_norms(tmp_path):
     assert [h["step"] for h in history] == [22, 44, 66]
     for key in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr"):
         assert all(key in h for h in history), key
-    for key in ("logit_norm", "logit_mean", "logit_max", "logit_var"):
+    logit_keys = [f"logit_{k}" for k in ("norm", "mean", "max", "var")]
+    logit_keys += [f"logit_{k}_per_image" for k in ("mean", "max", "var")]  # the fork's
+    for key in (*logit_keys, "feature_norm", "feature_zeroed"):
         assert all(f"val_{key}" in h and f"train_{key}" in h for h in history), key
+    assert all(h["val_feature_norm"] > 0 and 0 <= h["train_feature_zeroed"] <= 512 for h in history)
     assert all(h["images_per_s"] > 0 and h["train_images"] == 22 * 64 for h in history)
     # Learning happened: well above chance (10 %) on held-out digits, loss going down.
     assert summary["val_top1"] > 50 and history[-1]["train_loss"] < history[0]["train_loss"]

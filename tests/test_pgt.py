@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fork_code import ForkLabelSmoothingCrossEntropy, fork_power_grad
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from timm.loss import LabelSmoothingCrossEntropy
 
 from powergrad.pgt import (
     AuthorsHookCrossEntropy,
@@ -368,29 +368,6 @@ def test_theorem1_threshold_monotone_order_preserved_smoothing(row, alphas):
 # --- The authors' hook: exact only when the loss scale S equals N^2 ---------------------------
 
 
-def _fork_power_grad(labels, args):
-    """The authors' hook exactly as their timm fork wrote it (``power_grad`` in
-    ``ResNet.forward``, timm/models/resnet.py:831-844), closing over labels and args."""
-
-    def power_grad(grad):
-        nonlocal labels, args
-        q = torch.ones(1, dtype=grad.dtype, device=grad.device) * F.one_hot(
-            labels, num_classes=args.num_classes
-        )
-        q = (1.0 - args.smoothing) * q + args.smoothing / args.num_classes
-        g = grad / grad.shape[0]
-        p = g + q
-
-        p = p ** (args.modify_softmax)
-        p /= p.sum(-1, keepdim=True)
-
-        g = p - q
-        g = g * grad.shape[0]
-        return g
-
-    return power_grad
-
-
 def _authors_grad(logits, target, alpha, ls=0.0, scale=1.0):
     x = logits.detach().clone().requires_grad_()
     loss = AuthorsHookCrossEntropy(alpha, label_smoothing=ls)(x, target)
@@ -402,16 +379,20 @@ def _authors_grad(logits, target, alpha, ls=0.0, scale=1.0):
 @pytest.mark.parametrize("ls", [0.0, 0.1])
 @pytest.mark.parametrize("scale", [64.0, 65536.0, 1.0])
 def test_authors_hook_is_the_forks_code_bit_for_bit(dtype, ls, scale):
-    """Same loss and same gradient bits as the fork's loss (nn.CrossEntropyLoss, or timm's
-    LabelSmoothingCrossEntropy under --smoothing) with its hook, in the logits' dtype."""
+    """Same loss and same gradient bits as the fork's loss (nn.CrossEntropyLoss, or its own
+    LabelSmoothingCrossEntropy under --smoothing) with its hook on the logits, in the logits'
+    dtype; the loss in fp32, as the fork's autocast computed it from fp16 logits."""
     n, c, alpha = 8, 10, 0.25
     logits, target = _batch(n=n, c=c, seed=3, dtype=dtype)
     loss, grad = _authors_grad(logits, target, alpha, ls, scale)
     x = logits.detach().clone().requires_grad_()
     args = SimpleNamespace(num_classes=c, smoothing=ls, modify_softmax=alpha)
-    x.register_hook(_fork_power_grad(target, args))
-    fork_loss_fn = LabelSmoothingCrossEntropy(ls) if ls else torch.nn.CrossEntropyLoss()
-    ref_loss = fork_loss_fn(x, target)
+    x.register_hook(fork_power_grad(target, args))
+    if ls:
+        fork_loss_fn = ForkLabelSmoothingCrossEntropy(ls, num_classes=c)
+    else:
+        fork_loss_fn = torch.nn.CrossEntropyLoss()
+    ref_loss = fork_loss_fn(x.float(), target)
     (ref_loss * scale).backward()
     assert torch.equal(loss, ref_loss)
     assert grad.dtype == dtype

@@ -103,6 +103,23 @@ def test_authors_peak_lr_does_not_scale_with_batch():
         assert max(_lr_by_epoch(text)) == pytest.approx(0.1 * batch / 256)
 
 
+@pytest.mark.parametrize("batch", [256, 512, 1024])
+def test_table2_rows_scale_the_released_lr_and_keep_both_readings_one_override_away(batch):
+    """Table 2's lr at batch 256 / 512 is stated nowhere. The rows scale the released 0.1 at
+    batch 1024 linearly (the project's choice); optim.peak_lr=0.1 is the fork's flag as given,
+    recipe=paper_text the text's 0.1 per 256 images (0.4 at 1024)."""
+    row = f"experiment=t2_b{batch}_pgt"
+
+    def top(peak):  # the fork's highest lr: epoch 4 trains at sched(5), floor 1e-4 (see above)
+        return 1e-4 + 0.5 * (peak - 1e-4) * (1 + math.cos(math.pi * 5 / 90))
+
+    assert max(_lr_by_epoch(compose_train(row))) == pytest.approx(top(0.1 * batch / 1024))
+    flag = compose_train(row, "optim.peak_lr=0.1")
+    assert max(_lr_by_epoch(flag)) == pytest.approx(top(0.1))
+    text = compose_train(row, "recipe=paper_text")
+    assert max(_lr_by_epoch(text)) == pytest.approx(0.1 * batch / 256)
+
+
 @pytest.mark.parametrize("recipe", ["paper_text", "authors_code"])
 @pytest.mark.parametrize("model", ["resnet18", "resnet50", "resnet101", "seresnet18", "seresnet50"])
 def test_both_recipes_start_every_bn_gamma_at_one_as_the_fork(recipe, model):

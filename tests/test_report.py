@@ -34,6 +34,7 @@ TINY = [
     "trainer.batch_size=8",
     "trainer.epochs=2",
     "trainer.warmup_epochs=0",
+    "sched.cooldown_epochs=0",  # the rows' released recipe cools down 10 epochs
     "trainer.threads=1",
     "trainer.progress=false",
     "logger=none",
@@ -53,7 +54,7 @@ def runs_root(tmp_path_factory):
     _train(root / "pgt1", "experiment=t1_resnet18_cosine_pgt", "seed=1")
     _train(root / "base0", "experiment=t1_resnet18_cosine_baseline", "seed=0")
     # Two points of the ResNet-18 alpha grid (one process per point, as a multirun would).
-    _train(root / "sweep_a005", "+sweep=resnet18_alpha", "method.alpha=0.05")
+    _train(root / "sweep_a01", "+sweep=resnet18_alpha", "method.alpha=0.1")
     _train(root / "sweep_a1", "+sweep=resnet18_alpha", "method.alpha=1.0")
     torch.set_num_threads(threads)
     yield root
