@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     sha = git_sha(ROOT)
     if sha.endswith("-dirty") and not args.allow_dirty:
         print(
-            f"refusing to run: the tree has uncommitted changes ({sha}); commit them, or pass "
+            f"error: the tree has uncommitted changes ({sha}); commit them, or pass "
             "--allow-dirty for a trial whose results no commit reproduces",
             file=sys.stderr,
         )
@@ -423,6 +423,12 @@ def main(argv: list[str] | None = None) -> int:
     points = study_points(args.epochs_a, args.epochs_b)
     if args.only:
         wanted = set(args.only.split(","))
+        unknown = sorted(wanted - {p.name for p in points})
+        if unknown:
+            names = ", ".join(p.name for p in points)
+            print(f"error: --only: unknown point(s) {', '.join(unknown)}; the points: {names}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
         points = [p for p in points if p.name in wanted]
     seeds = list(range(args.seeds))
     if args.fresh:
