@@ -661,11 +661,14 @@ def _zeroed_tests(by_batch: dict[int, dict[str, list[dict]]], large: int, small:
 
     def test(comparison: str, a: list[dict], b: list[dict], direction: int) -> Test:
         w = welch(_zeroed(a), _zeroed(b))
+        sign = "> 0" if direction > 0 else "< 0"
         if w is None or not _finite(w.p):
             diff = w.diff if w else math.nan
-            return Test(claim, comparison, _groups(a, b), diff, "Welch", math.nan, direction, 1)
+            return Test(
+                claim, comparison, _groups(a, b), diff, "Welch", math.nan, direction, 1, sign
+            )
         method = f"Welch t = {w.t:.2f}"
-        return Test(claim, comparison, _groups(a, b), w.diff, method, w.p, direction, 1)
+        return Test(claim, comparison, _groups(a, b), w.diff, method, w.p, direction, 1, sign)
 
     tests = []
     if "baseline" in by_batch.get(large, {}) and "baseline" in by_batch.get(small, {}):
@@ -910,10 +913,17 @@ def _closing(study: Study, sections: list[Section]) -> list[str]:
     seeds = study.prov.get("seeds") or max((r["seed"] + 1 for r in study.runs), default=1)
     jobs = study.prov.get("jobs") or 2
     process_s = sum(r.get("process_wall_s") or 0.0 for r in study.runs)
+    cpu_s = sum(r.get("process_cpu_s") or 0.0 for r in study.runs)
     rerun = (
         f"; rerunning it as it ran takes about {process_s / jobs / 60:.0f} minutes at {jobs} "
-        "runs at a time (the runs' process wall times, start-up included, summed and divided "
-        f"by {jobs})"
+        "runs at a time on the machine above (the runs' process wall times, start-up "
+        f"included, summed and divided by {jobs})"
+        + (
+            f"; the runs took {cpu_s / 60:.0f} CPU minutes (train.py and its loader worker), "
+            "a measure that other jobs on the machine do not inflate"
+            if cpu_s
+            else ""
+        )
         if process_s
         else ""
     )
