@@ -828,8 +828,8 @@ def part_b(study: Study) -> Section:
         "epoch's val top-1 (the paper's tables give the best epoch; the final one is what a "
         "diverged run leaves, counted at chance). At the large batch the paper ran only the "
         "baseline and PGT (alpha 0.92 at 1024); PGT 0.25 there tests its caption's 'at any "
-        "batch size'. The paper's text calls GC + PGT's advantage over GC 'not very "
-        "significant' (its table: +0.024), so 'within noise' there agrees with its text.",
+        "batch size'. The paper's text calls the advantage of combining GC with PGT 'not "
+        "very significant' (its table: GC + PGT +0.024 over GC).",
     ]
     for batch in batches:
         digests = {
@@ -942,8 +942,8 @@ def _closing(study: Study, sections: list[Section]) -> list[str]:
         f"dropped: in accuracy tests a diverged run counts at chance level ({study.chance:g}%, "
         "the accuracy of a guess: the method failed at that point), and where a run of either "
         "group diverged, Fisher's exact test of the counts (paper's direction: fewer "
-        "divergences) joins the family; where neither group diverged that test's p is 1 by "
-        "construction and it is left out. The effect column gives ours (a difference of "
+        "divergences) joins the family; where neither group diverged that test has nothing to "
+        "compare (its p is 1 whatever the accuracies) and is left out. The effect column gives ours (a difference of "
         "means a - b, of diverged fractions, or a correlation coefficient) and, in parentheses, "
         "the paper's (ImageNet top-1, best epoch).",
         "",
