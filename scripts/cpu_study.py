@@ -1,28 +1,38 @@
 """CPU-scale study of the paper's claims on the embedded digits dataset (real train.py runs).
 
-Three parts, every point with ``--seeds`` seeds (default 5), each run a real ``train.py`` process
-on digits (32x32, 1,437 train / 360 val images) with the dataset's ImageNet-style augmentation
+Every point runs with ``--seeds`` seeds (default 6), each a real ``train.py`` process on digits
+(32x32, 1,437 train / 360 val images) with the dataset's ImageNet-style augmentation
 (RandomResizedCrop; no horizontal flip, which turns a digit into another symbol):
 
-(a) ResNet-18 (BN), baseline vs PGT alpha 0.25: train and val accuracy (Table 1 / Fig. 3).
-(b) ResNet-18 without normalization at a large and a small batch: baseline, PGT, AGC, AGC+PGT;
-    zeroed-out filters and accuracy (Table 2 / Figs. 4-6). Per-filter norms are recorded about
-    25 times per run.
+(a) ResNet-18 (BN), batch 128, 10 epochs (110 optimizer steps): baseline vs PGT alpha 0.25
+    (Table 1 / Fig. 3a-b); and both again with the schedule compressed to 60% of the epochs,
+    warmup included (6 epochs, 0.6 warmup epochs): Fig. 3c compares the 60%-length PGT run's
+    final val with the full-length baseline's (the compressed baseline is the control).
+(b) ResNet-18 without normalization, 20 epochs, at a large and a small batch that keep the
+    paper's 4x ratio (its 1024 vs 256): batch 256 (5 steps per epoch, 100 steps, lr 0.1) stands
+    for the paper's 1024 and runs the paper's 1024 rows (baseline, PGT 0.92) plus PGT 0.25;
+    batch 64 (22 steps per epoch, 440 steps, lr 0.025) stands for its 256 and runs all six of
+    its 256 rows (baseline, GC, AGC, PGT, GC + PGT, AGC + PGT; alpha 0.25). Zeroed-out filters
+    (Figs. 4-6) from per-filter norms recorded about 25 times per run.
 (c) ResNet-18 (BN), final loss and logit norm against alpha (Section 5.3 / Fig. 7); alpha = 1 is
     the baseline of (a), alpha 0.25 the PGT of (a).
 
-Run directories go to ``outputs/cpu_study/<point>/seed<k>`` (ignored by git). A finished run
-(summary.json or a DIVERGED marker) is reused only when it was trained at the current commit; an
-unfinished one, or one from another commit, is deleted and run again, so the script resumes after
-an interruption and every run of a study comes from one commit. It refuses to start on a tree
-with uncommitted changes (``--allow-dirty`` for trials): the commit must say what ran. What is
-committed is what it writes under ``results/cpu/``: ``runs.json`` (per-run summaries, epoch
-histories and filter-norm digests) and ``provenance.json`` (command, git SHA, clean or not,
-package versions, wall time, host); :func:`powergrad.study.render_cpu_study` then renders the
-README, with Welch's t-test verdicts, and the plots (``python scripts/report.py --cpu-only``
-re-renders them)::
+Runtime: 16 points x 6 seeds = 96 runs, about 75 minutes (70 to 80) on a quiet 2-core machine
+at 2 runs at a time, estimated from timed trial runs (README, "CPU-scale study"); the rendered
+README's "Rerunning" gives the time the study took.
 
-    python scripts/cpu_study.py --fresh         # the whole study from scratch, 5 seeds (~1 h)
+Run directories go to ``outputs/cpu_study/<point>_e<epochs>/seed<k>`` (ignored by git). A
+finished run (summary.json or a DIVERGED marker) is reused only when it was trained at the current
+commit; an unfinished one, or one from another commit, is deleted and run again, so the script
+resumes after an interruption and every run of a study comes from one commit. It refuses to start
+on a tree with uncommitted changes (``--allow-dirty`` for trials): the commit must say what ran.
+What is committed is what it writes under ``results/cpu/``: ``runs.json`` (per-run summaries,
+epoch histories, filter-norm digests, process wall times) and ``provenance.json`` (command, git
+SHA, clean or not, package versions, wall time, host); :func:`powergrad.study.render_cpu_study`
+then renders the README, with Holm-corrected verdicts, and the plots (``python scripts/report.py
+--cpu-only`` re-renders them)::
+
+    python scripts/cpu_study.py --fresh         # the whole study from scratch
     python scripts/cpu_study.py                 # resume an interrupted one
 """
 
@@ -37,7 +47,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from powergrad.study import render_cpu_study
@@ -64,15 +74,30 @@ TRAJECTORY_FILTERS = 64
 # worker, because two processes run side by side on a 2-core machine.
 COMMON = [
     "data=digits",
+    # The paper text's recipe shape (lr 0.1 per 256 images, linear warmup, cosine to 0, stepped
+    # every iteration), pinned so that the study does not change with train.yaml's default.
+    "recipe=paper_text",
     "logger=none",
     "trainer.progress=false",
     "trainer.threads=1",
     "loader.workers=1",
-    "trainer.warmup_epochs=1",
     # fp32 has no GradScaler to skip a step whose loss overflowed (the paper's fp16 runs did):
     # skip such steps and count them, so a transient overflow does not end the run.
     "trainer.skip_nonfinite_steps=true",
 ]
+
+# Warmup of a full-length run, epochs (the paper: 5 of 100; here 1 of 10 or 20).
+WARMUP_EPOCHS = 1.0
+
+# Fig. 3c: the paper's PGT run takes 60 of the baseline's 100 epochs, its schedule compressed.
+FIG3C_FRACTION = 0.6
+
+# Table 2's batches on digits. The paper compares 1024 with 256 (4x) over the same 100 epochs
+# (125,000 vs 500,000 steps); 256 and 64 keep the 4x ratio, and 20 epochs give the large batch
+# 100 optimizer steps (5 per epoch) and the small one 440 (22 per epoch). The learning rate
+# follows the recipe's 0.1 per 256 images: 0.1 and 0.025.
+LARGE_BATCH, SMALL_BATCH = 256, 64
+PAPER_BATCH = {LARGE_BATCH: 1024, SMALL_BATCH: 256}
 
 
 @dataclass(frozen=True)
@@ -86,8 +111,9 @@ class Point:
     alpha: float | None
     batch: int
     epochs: int
+    warmup: float = WARMUP_EPOCHS
     filter_every: int = 0  # optimizer steps between per-filter norm snapshots (0: off)
-    extra: tuple[str, ...] = field(default=())
+    paper_row: str | None = None  # results/paper.yaml row this point stands for, if any
 
     def run_dir(self, seed: int, root: Path = RUNS_ROOT) -> Path:
         """Where this point's run for ``seed`` lives; the budget is part of the name, so a
@@ -102,18 +128,19 @@ class Point:
             f"method={self.method}",
             f"trainer.batch_size={self.batch}",
             f"trainer.epochs={self.epochs}",
+            f"trainer.warmup_epochs={self.warmup:g}",
             f"trainer.filter_norms_every_steps={self.filter_every}",
             f"seed={seed}",
             f"experiment_name=cpu_{self.name}",
-            *self.extra,
         ]
         if self.alpha is not None:
             out.append(f"method.alpha={self.alpha}")
         return out
 
 
-# digits has 1,437 train images; the loader drops the last partial batch.
+# digits has 1,437 train images of 10 classes; the loader drops the last partial batch.
 TRAIN_IMAGES = 1437
+NUM_CLASSES = 10
 
 
 def _filter_every(batch: int, epochs: int, snapshots: int = 25) -> int:
@@ -121,22 +148,72 @@ def _filter_every(batch: int, epochs: int, snapshots: int = 25) -> int:
     return max(1, steps // snapshots)
 
 
-def study_points(epochs_a: int = 12, epochs_b: int = 10) -> list[Point]:
+def study_points(epochs_a: int = 10, epochs_b: int = 20) -> list[Point]:
     """Every point of parts (a), (b) and (c)."""
+    short = max(1, round(FIG3C_FRACTION * epochs_a))
+    warm = FIG3C_FRACTION * WARMUP_EPOCHS
     points = [
-        Point("a_baseline", "a", "resnet18", "baseline", None, 128, epochs_a),
-        Point("a_pgt_0.25", "a", "resnet18", "pgt", 0.25, 128, epochs_a),
+        Point(
+            "a_baseline",
+            "a",
+            "resnet18",
+            "baseline",
+            None,
+            128,
+            epochs_a,
+            paper_row="t1_resnet18_cosine_baseline",
+        ),
+        Point(
+            "a_pgt_0.25",
+            "a",
+            "resnet18",
+            "pgt",
+            0.25,
+            128,
+            epochs_a,
+            paper_row="t1_resnet18_cosine_pgt",
+        ),
+        Point("a60_baseline", "a60", "resnet18", "baseline", None, 128, short, warm),
+        Point("a60_pgt_0.25", "a60", "resnet18", "pgt", 0.25, 128, short, warm),
     ]
     for alpha in (0.05, 0.1, 0.5):
         points.append(Point(f"c_pgt_{alpha:g}", "c", "resnet18", "pgt", alpha, 128, epochs_a))
-    # The paper's Table 2 compares batch 1024 with 256 (4x) on 1.28M images; on 1,437 images 512
-    # is "large" (2 steps per epoch, lr 0.2) and 128 "small" (11 steps per epoch, lr 0.05).
-    for batch in (512, 128):
+    rows = {
+        # The paper's batch-1024 rows, and PGT at its usual 0.25 (Table 2's caption: PGT
+        # improves the baseline "at any batch size"; no paper row at this batch).
+        LARGE_BATCH: [
+            ("baseline", None, "t2_b1024_baseline"),
+            ("pgt", 0.92, "t2_b1024_pgt"),
+            ("pgt", 0.25, None),
+        ],
+        SMALL_BATCH: [
+            (m, a, f"t2_b256_{m}")
+            for m, a in (
+                ("baseline", None),
+                ("gc", None),
+                ("agc", None),
+                ("pgt", 0.25),
+                ("gc_pgt", 0.25),
+                ("agc_pgt", 0.25),
+            )
+        ],
+    }
+    for batch, methods in rows.items():
         every = _filter_every(batch, epochs_b)
-        for method, alpha in (("baseline", None), ("pgt", 0.25), ("agc", None), ("agc_pgt", 0.25)):
-            name = f"b_b{batch}_{method}"
+        for method, alpha, row in methods:
+            name = f"b_b{batch}_{method}" + (f"_{alpha:g}" if alpha is not None else "")
             points.append(
-                Point(name, "b", "resnet18_nonorm", method, alpha, batch, epochs_b, every)
+                Point(
+                    name,
+                    "b",
+                    "resnet18_nonorm",
+                    method,
+                    alpha,
+                    batch,
+                    epochs_b,
+                    filter_every=every,
+                    paper_row=row,
+                )
             )
     return points
 
@@ -144,6 +221,10 @@ def study_points(epochs_a: int = 12, epochs_b: int = 10) -> list[Point]:
 # Written into a run directory whose training stopped on a non-finite loss: a result (the
 # configuration diverges), not a failure to retry.
 DIVERGED = "DIVERGED"
+
+# Written into a run directory after its train.py process ended: the process's wall and CPU
+# seconds (start-up included), which the report sums into the study's runtime.
+PROCESS = "study_process.json"
 
 
 def _finished(run_dir: Path) -> bool:
@@ -174,15 +255,29 @@ def run_one(
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "train.py", *point.overrides(seed), f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    log_path = run_dir.parent / f"seed{seed}.log"
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.PIPE, text=True
+        )
+        stderr = proc.stderr.read()
+        # os.wait4, not proc.wait: it also gives the CPU seconds of the run (its loader worker
+        # included), a measure of its cost that a loaded machine's wall clock is not.
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc.stderr.close()
+        out.write(stderr)
     wall = time.perf_counter() - start
-    (run_dir.parent / f"seed{seed}.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0 and "non-finite" in proc.stderr:
+    process = {"wall_s": round(wall, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1)}
+    if proc.returncode == 2 and "non-finite" in stderr:  # train.py's NonFiniteError
         run_dir.mkdir(exist_ok=True)  # a run that diverged before its first checkpoint left none
-        (run_dir / DIVERGED).write_text(f"git_sha {sha}\n" + proc.stderr[-2000:])
+        (run_dir / PROCESS).write_text(json.dumps(process) + "\n")
+        (run_dir / DIVERGED).write_text(f"git_sha {sha}\n" + stderr[-2000:])
         log(f"{point.name} seed{seed}: diverged (non-finite loss)")
         return point, seed, wall, 0
+    if proc.returncode == 0:
+        (run_dir / PROCESS).write_text(json.dumps(process) + "\n")
     log(f"{point.name} seed{seed}: rc={proc.returncode} {wall:.0f} s")
     return point, seed, wall, proc.returncode
 
@@ -241,7 +336,12 @@ def collect(points: list[Point], seeds: list[int], root: Path = RUNS_ROOT) -> li
             run_dir = point.run_dir(seed, root)
             entry = {"point": point.name, "part": point.part, "seed": seed, "model": point.model}
             entry.update(method=point.method, alpha=point.alpha, batch=point.batch)
-            entry["epochs"] = point.epochs
+            entry.update(epochs=point.epochs, warmup=point.warmup, paper_row=point.paper_row)
+            entry["paper_batch"] = PAPER_BATCH.get(point.batch) if point.part == "b" else None
+            process = run_dir / PROCESS
+            if process.is_file():
+                times = json.loads(process.read_text())
+                entry.update(process_wall_s=times["wall_s"], process_cpu_s=times["cpu_s"])
             history = []
             if (run_dir / "metrics.jsonl").is_file():
                 lines = (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -302,11 +402,13 @@ def _versions() -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the study (resuming finished runs), write results/cpu/, render the report."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=5, help="seeds per point (>= 5 for the study)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seeds", type=int, default=6, help="seeds per point (>= 5 for the study)")
     parser.add_argument("--jobs", type=int, default=2, help="train.py processes at a time")
-    parser.add_argument("--epochs-a", type=int, default=12, help="epochs for parts (a) and (c)")
-    parser.add_argument("--epochs-b", type=int, default=10, help="epochs for part (b)")
+    parser.add_argument("--epochs-a", type=int, default=10, help="epochs for parts (a) and (c)")
+    parser.add_argument("--epochs-b", type=int, default=20, help="epochs for part (b)")
     parser.add_argument("--only", default=None, help="comma-separated point names to run")
     parser.add_argument(
         "--fresh", action="store_true", help="delete earlier run directories and provenance"
@@ -325,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     sha = git_sha(ROOT)
     if sha.endswith("-dirty") and not args.allow_dirty:
         print(
-            f"refusing to run: the tree has uncommitted changes ({sha}); commit them, or pass "
+            f"error: the tree has uncommitted changes ({sha}); commit them, or pass "
             "--allow-dirty for a trial whose results no commit reproduces",
             file=sys.stderr,
         )
@@ -334,6 +436,12 @@ def main(argv: list[str] | None = None) -> int:
     points = study_points(args.epochs_a, args.epochs_b)
     if args.only:
         wanted = set(args.only.split(","))
+        unknown = sorted(wanted - {p.name for p in points})
+        if unknown:
+            names = ", ".join(p.name for p in points)
+            print(f"error: --only: unknown point(s) {', '.join(unknown)}; the points: {names}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
         points = [p for p in points if p.name in wanted]
     seeds = list(range(args.seeds))
     if args.fresh:
@@ -356,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = [f"{p.name}/seed{s}" for p, s, _, rc in results if rc != 0]
 
     runs = collect(points, seeds, runs_root)
-    (out / "runs.json").write_text(json.dumps({"runs": runs}, separators=(",", ":")) + "\n")
+    data = {"num_classes": NUM_CLASSES, "runs": runs}
+    (out / "runs.json").write_text(json.dumps(data, separators=(",", ":")) + "\n")
     previous = out / "provenance.json"
     old = json.loads(previous.read_text()) if previous.is_file() and not args.fresh else {}
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])])
@@ -384,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         "epochs_a": args.epochs_a,
         "epochs_b": args.epochs_b,
         "common_overrides": COMMON,
+        "points": [asdict(p) for p in points],
         "host": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "failed": failed,
