@@ -40,7 +40,7 @@ def initial_loss_scale(method, rank_batch: int) -> float | None:
     The authors' hook recovers p from the gradient assuming the loss scale is N**2, N the
     per-rank loader batch (``rank_batch``): the scaler starts there and then grows and backs
     off as torch's default, as the fork's NativeScaler did (fork train.py:172-174; timm 0.4.12
-    utils/cuda.py:39-49: ``torch.cuda.amp.GradScaler()``, x2 after 2000 unskipped steps). With
+    utils/cuda.py:36-49: ``torch.cuda.amp.GradScaler()``, x2 after 2000 unskipped steps). With
     256 images per rank that is the fork's scaler exactly: each growth to 2 N**2 makes the hook
     return NaN, that step is skipped and the scale halves back to N**2.
     """

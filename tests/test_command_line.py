@@ -46,7 +46,7 @@ def refused(*argv, line=check):
         (
             ["experiment=t1_resnet50_cosine_pgtt"],
             "experiment has no option 't1_resnet50_cosine_pgtt'; did you mean "
-            "t1_resnet50_cosine_pgt? valid: t1_resnet101_cosine_baseline, ",
+            "t1_resnet50_cosine_pgt? valid: fig3c_resnet50_pgt, t1_resnet101_cosine_baseline, ",
         ),
         (["model=resnet5"], "did you mean resnet50? valid: resnet101, resnet18, resnet18_nonorm"),
         (["method=pgtt"], "method has no option 'pgtt'; did you mean pgt?"),
