@@ -351,6 +351,32 @@ def test_usr2_mid_epoch_checkpoints_requeues_and_resumes_exactly(cluster, tmp_pa
 
 
 @pytest.mark.slow
+def test_usr2_before_the_first_checkpoint_requeues_a_job_that_then_runs_to_the_end(
+    cluster, tmp_path, references
+):
+    """Preemption before any checkpoint exists: USR2 as soon as Hydra has made the job's run
+    directory (the trainer is starting: claim, data, model). Shows: submitit requeues it, and
+    the requeued job starts the run in the same directory (nothing of the first start is left
+    to refuse it) and finishes it, equal to an uninterrupted run. (A USR2 earlier still, while
+    submitit loads the job and before it installs its handler, kills the job: submitit's
+    window, not the trainer's.)"""
+    sweep = Sweep(cluster, tmp_path / "sweep", PREEMPT)
+    reference = references.run("uninterrupted", PREEMPT)
+    deadline = time.monotonic() + 120
+    while not list(sweep.cwd.glob("multirun/*/*/0_*")):
+        assert time.monotonic() < deadline, sweep.log.read_text()[-3000:]
+        time.sleep(0.01)
+    (job,) = sweep.job_ids()
+    assert not list(sweep.cwd.glob("multirun/*/*/0_*/last.pt"))
+    cluster.run("scancel", "--signal=USR2", job)
+    rc, out = sweep.finish()
+    assert rc == 0, out[-3000:] + sweep.job_logs()[-3000:]
+    assert cluster.job(job)["Restarts"] == "1" and "Requeued job" in sweep.job_logs()
+    (run_dir,) = sweep.dir.glob("0_*")
+    assert_same_run(reference, run_dir)
+
+
+@pytest.mark.slow
 def test_scancel_ends_the_job_and_trainer_resume_continues_it_exactly(
     cluster, tmp_path, references
 ):
