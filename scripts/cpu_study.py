@@ -17,9 +17,9 @@ Every point runs with ``--seeds`` seeds (default 6), each a real ``train.py`` pr
 (c) ResNet-18 (BN), final loss and logit norm against alpha (Section 5.3 / Fig. 7); alpha = 1 is
     the baseline of (a), alpha 0.25 the PGT of (a).
 
-Runtime: 16 points x 6 seeds = 96 runs, about 75 minutes (70 to 80) on a quiet 2-core machine
-at 2 runs at a time, estimated from timed trial runs (README, "CPU-scale study"); the rendered
-README's "Rerunning" gives the time the study took.
+Runtime: 16 points x 6 seeds = 96 runs, 42 minutes (2,514 s) on a quiet 2-core machine at 2
+runs at a time for the committed study; the rendered README's "Rerunning" gives the time the
+study took.
 
 Run directories go to ``outputs/cpu_study/<point>_e<epochs>/seed<k>`` (ignored by git). A
 finished run (summary.json or a DIVERGED marker) is reused only when it was trained at the current
