@@ -122,9 +122,9 @@ def test_a_metric_missing_in_some_seeds_shows_its_own_n(tmp_path):
 
 
 def test_cli_writes_the_same_files(tmp_path):
+    """Into an --out folder that does not exist yet (created; before: a traceback)."""
     _sweep(tmp_path / "sweep")
-    out = tmp_path / "out"
-    out.mkdir()
+    out = tmp_path / "new" / "out"
     dirs = [str(p) for p in (tmp_path / "sweep").iterdir()]
     proc = subprocess.run(
         [sys.executable, "-m", "powergrad.compare", *dirs, "--out", str(out)],
@@ -203,3 +203,11 @@ def test_cli_refuses_a_missing_folder_in_one_line(tmp_path):
     with pytest.raises(compare.CompareError, match=r"no run to compare: .*empty: not a run folder"):
         compare.compare_runs([tmp_path / "empty"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    (tmp_path / "a_file").write_text("")
+    proc = subprocess.run(
+        [sys.executable, "-m", "powergrad.compare", str(runs[0]), "--out", "a_file"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert (proc.returncode, proc.stderr) == (2, "error: --out a_file: not a folder\n")

@@ -225,8 +225,21 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_in_place(tmp_path
         held = claim(run_dir, resume=False, auto_resume=False)
         held.release()
         assert held.resume is False and not (run_dir / "preempted.json").exists()
-    assert train_in_process(run_dir, f"trainer.resume={run_dir}")["epochs"] == 2
+    # The requeue under torchrun (2 ranks, the same command): it starts again in place, saying
+    # so once (rank 0), and trains to the end.
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run(
+        [*torchrun, str(ROOT / "train.py"), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("stopped before its first checkpoint; starting it again") == 1
     assert len(history_without_timing(run_dir)) == 2
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 2
 
 
 # 15. SIGKILL while best.pt is written: last.pt already ranks that epoch. The requeue (the same
@@ -376,6 +389,8 @@ def test_a_start_that_fails_before_its_first_checkpoint_leaves_nothing(finished_
     with pytest.raises(CheckpointError):
         train_in_process(run_dir, *tiny("model=resnet18", f"model.init={finished_run / 'best.pt'}"))
     assert not run_dir.exists()
+    train_in_process(run_dir, *tiny())  # the next start there is a new run, not refused
+    assert (run_dir / "summary.json").exists()
 
     cmd = [sys.executable, str(ROOT / "train.py"), *tiny("trainer.epochs=50")]
     victim = subprocess.Popen(
