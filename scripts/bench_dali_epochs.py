@@ -71,7 +71,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_job import git_sha, ratio_ci  # scripts/ is on sys.path when run as a script
-from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import fn, pipeline_def
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from powergrad.data.badfiles import BadFileLog
@@ -79,9 +79,9 @@ from powergrad.data.config import DataConfig, LoaderConfig, Shard
 from powergrad.data.dali_backend import (
     DaliTrainLoader,
     EpochFeed,
-    decoder_args,
     live_pipelines,
     pipeline_kwargs,
+    train_augment,
     train_pipeline,
 )
 from powergrad.data.generate import write_image_folder
@@ -98,33 +98,11 @@ from powergrad.data.sampling import (
 @pipeline_def(enable_checkpointing=True)
 def reader_pipeline(reader: dict, data: DataConfig, gpu: bool):
     """The old train pipeline: fn.readers.file with `reader`'s list arguments, then the same
-    decode, crop, resize, flip and normalize as powergrad.data.dali_backend.train_pipeline."""
+    operators as powergrad.data.dali_backend.train_pipeline (train_augment)."""
     encoded, label = fn.readers.file(
         **reader, random_shuffle=False, pad_last_batch=True, name="Reader"
     )
-    images = fn.decoders.image_random_crop(
-        encoded,
-        output_type=types.RGB,
-        random_area=[data.crop_scale_min, 1.0],
-        random_aspect_ratio=[3 / 4, 4 / 3],
-        num_attempts=10,
-        **decoder_args(gpu),
-    )
-    images = fn.resize(
-        images,
-        resize_x=data.image_size,
-        resize_y=data.image_size,
-        interp_type=types.INTERP_LINEAR,
-        antialias=True,
-    )
-    images = fn.crop_mirror_normalize(
-        images,
-        mirror=fn.random.coin_flip(probability=0.5),
-        dtype=types.FLOAT,
-        output_layout="CHW",
-        mean=[255.0 * m for m in data.mean],
-        std=[255.0 * s for s in data.std],
-    )
+    images = train_augment(encoded, data, gpu, channels_last=False)
     return images, label.gpu() if gpu else label
 
 

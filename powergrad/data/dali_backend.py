@@ -155,15 +155,9 @@ class EpochFeed:
         return padded, lengths, self.labels[indices].reshape(-1, 1)
 
 
-@pipeline_def(enable_checkpointing=True)
-def train_pipeline(feed: EpochFeed, data: DataConfig, gpu: bool, channels_last: bool):
-    """Read the files `feed` names, decode a random crop (area crop_scale_min..1, aspect
+def train_augment(encoded, data: DataConfig, gpu: bool, channels_last: bool):
+    """The train operators after reading: decode a random crop (area crop_scale_min..1, aspect
     3/4..4/3), resize to image_size (bilinear, antialiased), random flip, normalize."""
-    padded, lengths, label = fn.external_source(
-        source=feed, num_outputs=3, batch=True, dtype=[types.UINT8, types.INT32, types.INT32]
-    )
-    paths = fn.slice(padded, start=[0], end=lengths, axes=[0])  # each path without its padding
-    encoded = fn.io.file.read(paths)
     images = fn.decoders.image_random_crop(
         encoded,
         output_type=types.RGB,
@@ -181,7 +175,17 @@ def train_pipeline(feed: EpochFeed, data: DataConfig, gpu: bool, channels_last: 
         antialias=True,
     )
     mirror = fn.random.coin_flip(probability=0.5) if data.hflip else 0
-    images = fn.crop_mirror_normalize(images, mirror=mirror, **_normalize_args(data, channels_last))
+    return fn.crop_mirror_normalize(images, mirror=mirror, **_normalize_args(data, channels_last))
+
+
+@pipeline_def(enable_checkpointing=True)
+def train_pipeline(feed: EpochFeed, data: DataConfig, gpu: bool, channels_last: bool):
+    """Read the files `feed` names, then `train_augment`."""
+    padded, lengths, label = fn.external_source(
+        source=feed, num_outputs=3, batch=True, dtype=[types.UINT8, types.INT32, types.INT32]
+    )
+    paths = fn.slice(padded, start=[0], end=lengths, axes=[0])  # each path without its padding
+    images = train_augment(fn.io.file.read(paths), data, gpu, channels_last)
     return images, label.gpu() if gpu else label
 
 
