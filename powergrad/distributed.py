@@ -27,7 +27,6 @@ from __future__ import annotations
 import datetime
 import os
 import random
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -81,14 +80,10 @@ def _torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def _submitit() -> bool:
-    # Set by submitit in every task of a job it started (values: "slurm", "local").
-    return bool(os.environ.get("SUBMITIT_EXECUTOR"))
-
-
 def in_submitit_job() -> bool:
     """True inside a job started by submitit (Hydra's submitit launchers), on any rank."""
-    return _submitit()
+    # Set by submitit in every task of a job it started (values: "slurm", "local").
+    return bool(os.environ.get("SUBMITIT_EXECUTOR"))
 
 
 def _srun_step() -> bool:
@@ -106,7 +101,7 @@ def env_world() -> tuple[int, int, int]:
             int(os.environ["WORLD_SIZE"]),
             int(os.environ.get("LOCAL_RANK", "0")),
         )
-    if _submitit():
+    if in_submitit_job():
         from submitit import JobEnvironment
 
         job = JobEnvironment()
@@ -126,19 +121,15 @@ def launcher() -> str:
     several tasks) or ``single``."""
     if _torchrun():
         return "torchrun"
-    return "submitit" if _submitit() else "srun" if _srun_step() else "single"
+    return "submitit" if in_submitit_job() else "srun" if _srun_step() else "single"
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a SLURM host list: ``gpu[003-010,012],cpu1`` -> ``gpu003``."""
-    depth, end = 0, len(nodelist)
-    for i, ch in enumerate(nodelist):  # the first comma-separated group outside brackets
-        depth += (ch == "[") - (ch == "]")
-        if ch == "," and depth == 0:
-            end = i
-            break
-    # Each bracket [a-b,c,...] stands for its first value, a (zero padding as written).
-    return re.sub(r"\[([^\],\-]*)[^\]]*\]", r"\1", nodelist[:end])
+    """The first host of a SLURM host list: ``gpu[003-010,012],cpu1`` -> ``gpu003``, parsed as
+    submitit parses it for its own rendezvous (SlurmJobEnvironment.hostnames)."""
+    from submitit.slurm.slurm import _parse_node_list
+
+    return _parse_node_list(nodelist)[0]
 
 
 def srun_rendezvous(env: Mapping[str, str]) -> dict[str, str]:
@@ -224,7 +215,7 @@ def setup(device_preference: str = "auto", timeout_min: float = DEFAULT_TIMEOUT_
     Backend: NCCL on GPU, gloo on CPU (:func:`init_process_group_kwargs`); ``timeout_min``
     bounds every collective. Idempotent: a second call reuses the group.
     """
-    if not _torchrun() and _submitit() and env_world()[1] > 1:
+    if not _torchrun() and in_submitit_job() and env_world()[1] > 1:
         from submitit.helpers import TorchDistributedEnvironment
 
         # Every task of the job derives the same MASTER_ADDR (first node) and MASTER_PORT
