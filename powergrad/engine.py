@@ -217,6 +217,11 @@ def train_one_epoch(
     no_sync = getattr(model, "no_sync", None)  # DDP (also through torch.compile)
     bare = unwrap_model(model)
     pending, loss_sum = 0, None  # micro-batches of the current group, their summed loss
+    # The loss in fp32 whatever the autocast dtype: PGT's softmax(alpha z) and the logged
+    # cross-entropy need fp32's range. A loss that must see the model's own output (the
+    # authors' hook reads the fp16 logits gradient, as in their fork) takes it as is and
+    # computes in fp32 itself.
+    on_output = getattr(loss_fn, "on_model_output", False)
     # The pooled features (Fig. 4c/f) of every forward, while this epoch trains.
     with pooled_features(model, meter.features):
         for images, target in loader.epoch(state.epoch, start_batch=state.batch):
@@ -232,11 +237,6 @@ def train_one_epoch(
             with contextlib.nullcontext() if last or no_sync is None else no_sync():
                 with autocast(device, amp_dtype):
                     logits = model(images)
-                    # The loss in fp32 whatever the autocast dtype: PGT's softmax(alpha z)
-                    # and the logged cross-entropy need fp32's range. A loss that must see the
-                    # model's own output (the authors' hook reads the fp16 logits gradient, as
-                    # in their fork) takes it as is and computes in fp32 itself.
-                    on_output = getattr(loss_fn, "on_model_output", False)
                     z = logits if on_output else logits.float()
                     loss = loss_fn(z, target)
                 scaler.scale(loss / accum_steps if accum_steps > 1 else loss).backward()
